@@ -1,0 +1,251 @@
+"""Reading released checkpoints lazily, and loading them into modules built on the meta device.
+
+One job: turn a path into tensors, one tensor at a time, and put them into a model
+without ever holding a second copy of the checkpoint.
+
+A path can be
+  - one `.safetensors` file,
+  - a sharded set, named by its `*.safetensors.index.json`,
+  - an HF / diffusers component folder (`config.json` beside its weights, sharded or not),
+  - a legacy `.pth` / `.bin` / `.pt` file, read only with `torch.load(weights_only=True)`.
+
+Safetensors files are parsed here (an 8-byte header length, a JSON header, then raw
+little-endian bytes) and each tensor is read with `readinto` straight into the tensor that
+the model keeps. Nothing is memory-mapped, so the resident memory of a load stays near one
+copy of the weights (see `tests/test_checkpoint.py::test_peak_memory`).
+
+Which checkpoint key becomes which parameter is the job of `models/layouts.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+
+class CheckpointError(ValueError):
+    """A problem with a user's weights: its message names the problem and the fix."""
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+_TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+
+
+class _SafetensorsFile:
+    """The header of one .safetensors file; tensors are read on demand."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path} is empty or truncated ({size} bytes): download it again")
+            (header_len,) = struct.unpack("<Q", head)
+            if header_len > min(size - 8, 100_000_000):
+                raise CheckpointError(f"{path} is not a safetensors file (or its header is damaged): "
+                                      "download it again")
+            try:
+                header = json.loads(f.read(header_len))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                raise CheckpointError(f"{path} has an unreadable header: download it again") from None
+        self.metadata = header.pop("__metadata__", None) or {}
+        self.data_start = 8 + header_len
+        self.entries = header
+        data_end = max((e["data_offsets"][1] for e in header.values()), default=0)
+        if self.data_start + data_end > size:
+            raise CheckpointError(
+                f"{path} is truncated: its header needs {self.data_start + data_end:,} bytes, "
+                f"the file has {size:,}; download it again")
+
+    def keys(self) -> Iterable[str]:
+        return self.entries.keys()
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.entries[key]["shape"])
+
+    def read(self, key: str) -> torch.Tensor:
+        entry = self.entries[key]
+        dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise CheckpointError(f"{self.path}: tensor {key} has dtype {entry['dtype']}, which this "
+                                  "project cannot read; use a file saved in fp32, fp16, bf16 or fp8")
+        tensor = torch.empty(entry["shape"], dtype=dtype)
+        begin, end = entry["data_offsets"]
+        buffer = tensor.reshape(-1).view(torch.uint8).numpy()
+        if buffer.nbytes != end - begin:
+            raise CheckpointError(f"{self.path}: tensor {key} has {end - begin} bytes for shape "
+                                  f"{entry['shape']} in {entry['dtype']}; the file is damaged")
+        with open(self.path, "rb") as f:
+            f.seek(self.data_start + begin)
+            if f.readinto(buffer) != buffer.nbytes:
+                raise CheckpointError(f"{self.path} ended while reading {key}: download it again")
+        return tensor
+
+
+class _TorchFile:
+    """A legacy pickle checkpoint, read with weights_only=True (no code is run) and memory-mapped."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as error:  # a pickle with code in it, or a damaged zip
+            raise CheckpointError(f"{path} cannot be read safely as a PyTorch checkpoint "
+                                  f"({type(error).__name__}); prefer the .safetensors file") from None
+        for wrapper in ("state_dict", "model", "module"):  # training checkpoints nest the weights
+            if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+                state = state[wrapper]
+        self.tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+        self.metadata = {}
+
+    def keys(self) -> Iterable[str]:
+        return self.tensors.keys()
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.tensors[key].shape)
+
+    def read(self, key: str) -> torch.Tensor:
+        return self.tensors[key].clone()
+
+
+def _open_file(path: Path):
+    if path.suffix == ".safetensors":
+        return _SafetensorsFile(path)
+    if path.suffix in _TORCH_SUFFIXES:
+        return _TorchFile(path)
+    raise CheckpointError(f"{path}: unknown weight file type; expected .safetensors (or .pth/.bin)")
+
+
+class Checkpoint:
+    """Tensor names, shapes and lazy reads over one or more weight files, plus config.json if any."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.config: dict | None = None
+        self._file_of: dict[str, object] = {}
+        if not self.path.exists():
+            raise CheckpointError(f"{self.path} does not exist: check the path given to --weights")
+        if self.path.is_dir():
+            files = self._files_in_folder(self.path)
+            config = self.path / "config.json"
+            if config.is_file():
+                self.config = json.loads(config.read_text())
+        elif self.path.name.endswith(".index.json"):
+            files = self._files_of_index(self.path)
+        else:
+            files = [self.path]
+        for file in map(_open_file, files):
+            for key in file.keys():
+                self._file_of[key] = file
+
+    @staticmethod
+    def _files_of_index(index: Path) -> list[Path]:
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        names = sorted(set(weight_map.values()))
+        missing = [n for n in names if not (index.parent / n).is_file()]
+        if missing:
+            raise CheckpointError(f"{index} lists shards that are not there: {', '.join(missing[:3])}; "
+                                  "download every shard into the same folder")
+        return [index.parent / n for n in names]
+
+    @classmethod
+    def _files_in_folder(cls, folder: Path) -> list[Path]:
+        # Prefer the plain files over variants such as model.fp16.safetensors.
+        def plain(p: Path) -> bool:
+            return re.fullmatch(r"[^.]+\.(safetensors|bin|pth|pt)(\.index\.json)?", p.name) is not None
+
+        for pattern in ("*.safetensors.index.json", "*.safetensors", "*.bin.index.json", "*.bin", "*.pth"):
+            found = sorted(folder.glob(pattern))
+            if not found:
+                continue
+            found = [p for p in found if plain(p)] or found
+            if pattern.endswith(".index.json"):
+                if len(found) > 1:
+                    raise CheckpointError(f"{folder} holds several shard indexes ({found[0].name}, "
+                                          f"{found[1].name}); point --weights at one of them")
+                return cls._files_of_index(found[0])
+            if len(found) > 1:
+                raise CheckpointError(f"{folder} holds several weight files ({', '.join(p.name for p in found[:3])}); "
+                                      "point at one file, or keep one per folder")
+            return found
+        raise CheckpointError(f"{folder} holds no weight file (*.safetensors, *.bin or *.pth): "
+                              "download the weights into it (see weights.md)")
+
+    def keys(self) -> list[str]:
+        return list(self._file_of)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._file_of
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._file_of[key].shape(key)
+
+    def read(self, key: str) -> torch.Tensor:
+        return self._file_of[key].read(key)
+
+
+def load_into(model: nn.Module, checkpoint: Checkpoint, layout, dtype: torch.dtype | None = None,
+              device: torch.device | str = "cpu") -> nn.Module:
+    """Fill `model` (usually built on the meta device) from `checkpoint` through `layout`.
+
+    `layout` (see models/layouts.py) maps each parameter name of the model to the checkpoint
+    key(s) it is read from. Keys are checked strictly first, so nothing is read from a file
+    that does not fit. Floating-point tensors are cast to `dtype` one at a time.
+    """
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    _check_keys(model, checkpoint, layout, expected)
+    state = {}
+    for name, source in layout.mapping.items():
+        tensor = source.read(checkpoint.read)
+        if tuple(tensor.shape) != expected[name]:
+            raise CheckpointError(
+                f"{checkpoint.path}: {name} has shape {tuple(tensor.shape)} in the file but the "
+                f"{type(model).__name__} inferred from the same file expects {expected[name]}; "
+                "the file is inconsistent or of an unsupported variant")
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        state[name] = tensor.to(device)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.requires_grad_(False).eval()
+
+
+def _check_keys(model: nn.Module, checkpoint: Checkpoint, layout, expected: dict) -> None:
+    from .layouts import describe  # layouts imports this module
+
+    missing = [name for name in expected if name not in layout.mapping]
+    used = {key for source in layout.mapping.values() for key in source.keys}
+    unexpected = [k for k in layout.scope(checkpoint.keys()) if k not in used]
+    extra_targets = [name for name in layout.mapping if name not in expected]
+    if not (missing or unexpected or extra_targets):
+        return
+
+    def first(names: list[str]) -> str:
+        return ", ".join(names[:4]) + (f" (+{len(names) - 4} more)" if len(names) > 4 else "")
+
+    parts = [f"{checkpoint.path} does not fit {type(model).__name__} (read as the {layout.name} layout"
+             + (f" under '{layout.prefix}'" if layout.prefix else "") + ")."]
+    if missing:
+        parts.append(f"Missing {len(missing)}: {first(missing)}.")
+    if unexpected or extra_targets:
+        parts.append(f"Unexpected {len(unexpected) + len(extra_targets)}: {first(unexpected + extra_targets)}.")
+    parts.append(f"The file looks like: {describe(checkpoint.keys())}.")
+    raise CheckpointError(" ".join(parts))
+
+
+def build_on_meta(factory: Callable[[], nn.Module]) -> nn.Module:
+    """Build a module without allocating its weights; `load_into` then assigns the real tensors."""
+    with torch.device("meta"):
+        return factory()

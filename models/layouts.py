@@ -1,0 +1,310 @@
+"""Checkpoint key layouts: which key of a released file becomes which parameter of our modules.
+
+Every model here names its parameters after one release (CLIP and T5 and Gemma after
+transformers, the VAE after the original LDM / FLUX `ae` code, the DiTs after their original
+repositories); every other layout is renamed to those names here, in one place. A layout is
+a `Layout`: the prefix the model sits under in the file, and for each of our parameter names
+a `Source` that says how to read it (a plain key, a chunk of a fused tensor, a transpose, ...).
+
+`describe(keys)` names what a file holds, for the error raised when a file does not fit.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+
+from .checkpoint import CheckpointError
+
+Read = Callable[[str], torch.Tensor]
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources: how one parameter is read from the file
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Key:
+    """A tensor stored as the model uses it."""
+    key: str
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return (self.key,)
+
+    def read(self, read: Read) -> torch.Tensor:
+        return read(self.key)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Part `index` of `parts` equal pieces of a fused tensor (e.g. OpenCLIP's q|k|v in_proj)."""
+    key: str
+    parts: int
+    index: int
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return (self.key,)
+
+    def read(self, read: Read) -> torch.Tensor:
+        return read(self.key).chunk(self.parts, dim=0)[self.index].clone()
+
+
+@dataclass(frozen=True)
+class Transposed:
+    """A matrix stored as x @ P (OpenCLIP's text_projection) where the model keeps P^T."""
+    key: str
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return (self.key,)
+
+    def read(self, read: Read) -> torch.Tensor:
+        return read(self.key).t().contiguous()
+
+
+@dataclass(frozen=True)
+class AsConv1x1:
+    """A Linear weight [out, in] used as a 1x1 convolution [out, in, 1, 1] (diffusers' VAE attention)."""
+    key: str
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return (self.key,)
+
+    def read(self, read: Read) -> torch.Tensor:
+        tensor = read(self.key)
+        return tensor[:, :, None, None] if tensor.dim() == 2 else tensor
+
+
+@dataclass
+class Layout:
+    """How one model sits in one checkpoint."""
+    name: str                       # the layout's name, for error messages
+    prefix: str                     # every key of this model starts with it
+    mapping: dict[str, object]      # our parameter name -> Source
+    ignore: tuple[str, ...] = field(default=())  # regexes (after the prefix) of keys no parameter reads
+
+    def scope(self, keys: Iterable[str]) -> list[str]:
+        """The checkpoint keys that belong to this model: every one of them must be read."""
+        return [k for k in keys if k.startswith(self.prefix)
+                and not any(re.match(p, k[len(self.prefix):]) for p in self.ignore)]
+
+
+def renamed(keys: Iterable[str], prefix: str, rules: list[tuple[str, object]],
+            ignore: tuple[str, ...] = ()) -> dict[str, Key]:
+    """Map every key under `prefix` through `rules` (regex, replacement), applied in order.
+
+    Keys matching one of the `ignore` regexes (after the prefix) are left out."""
+    mapping = {}
+    for key in keys:
+        if not key.startswith(prefix):
+            continue
+        name = key[len(prefix):]
+        if any(re.match(pattern, name) for pattern in ignore):
+            continue
+        for pattern, replacement in rules:
+            name = re.sub(pattern, replacement, name)
+        mapping[name] = Key(key)
+    return mapping
+
+
+def find_prefix(keys: Iterable[str], markers: Iterable[str], what: str, prefix: str | None) -> tuple[str, str]:
+    """Find where a model sits in a file: the prefix before one of `markers`, and which marker.
+
+    A file may hold several models (SD3's `_incl_clips` files hold CLIP-L, CLIP-G and T5); then
+    `prefix` says which one, and it must be there.
+    """
+    keys = list(keys)
+    found = []
+    for marker in markers:
+        found += [(k[: -len(marker)], marker) for k in keys if k.endswith(marker)]
+    if prefix is not None:
+        found = [f for f in found if f[0] == prefix]
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        where = f" under '{prefix}'" if prefix else ""
+        raise CheckpointError(f"no {what} found{where} in this checkpoint; it looks like: {describe(keys)}")
+    raise CheckpointError(f"this checkpoint holds several {what} models (under "
+                          f"{', '.join(repr(f[0]) for f in found)}); say which prefix to load")
+
+
+# ---------------------------------------------------------------------------------------------
+# CLIP text tower. Ours: transformers' names without the `text_model.` level:
+#   embeddings.{token,position}_embedding.weight, encoder.layers.N.self_attn.{q,k,v,out}_proj.*,
+#   encoder.layers.N.layer_norm{1,2}.*, encoder.layers.N.mlp.fc{1,2}.*, final_layer_norm.*,
+#   text_projection.weight (absent when the file has none).
+# ---------------------------------------------------------------------------------------------
+
+_CLIP_HF_MARKER = "text_model.final_layer_norm.weight"
+_CLIP_OPENCLIP_MARKER = "transformer.resblocks.0.attn.in_proj_weight"
+
+
+def clip_layout(keys: Iterable[str], prefix: str | None = None) -> Layout:
+    """The CLIP text tower in a file of transformers' layout or of OpenCLIP's."""
+    keys = list(keys)
+    prefix, marker = find_prefix(keys, [_CLIP_HF_MARKER, _CLIP_OPENCLIP_MARKER], "CLIP text", prefix)
+    if marker == _CLIP_HF_MARKER:
+        # A full CLIPModel file also holds the image tower; position_ids is a stale buffer.
+        ignore = (r"text_model\.embeddings\.position_ids$", r"vision_model\.", r"visual_projection\.",
+                  r"logit_scale$")
+        return Layout("transformers CLIP", prefix, renamed(keys, prefix, [(r"^text_model\.", "")], ignore), ignore)
+
+    # OpenCLIP: fused q|k|v, a bare positional table, and text_projection applied as x @ P.
+    mapping: dict[str, object] = {}
+    rules = [
+        (r"^transformer\.resblocks\.", "encoder.layers."),
+        (r"\.ln_1\.", ".layer_norm1."), (r"\.ln_2\.", ".layer_norm2."),
+        (r"\.attn\.out_proj\.", ".self_attn.out_proj."),
+        (r"\.mlp\.c_fc\.", ".mlp.fc1."), (r"\.mlp\.c_proj\.", ".mlp.fc2."),
+        (r"^ln_final\.", "final_layer_norm."),
+        (r"^token_embedding\.", "embeddings.token_embedding."),
+        (r"^positional_embedding$", "embeddings.position_embedding.weight"),
+    ]
+    ignore = (r"visual\.", r"logit_scale$", r"attn_mask$")
+    for name, source in renamed(keys, prefix, rules, ignore).items():
+        fused = re.match(r"(encoder\.layers\.\d+)\.attn\.in_proj_(weight|bias)$", name)
+        if fused:
+            layer, kind = fused.groups()
+            for index, projection in enumerate("qkv"):
+                mapping[f"{layer}.self_attn.{projection}_proj.{kind}"] = Chunk(source.key, 3, index)
+        elif name == "text_projection":
+            mapping["text_projection.weight"] = Transposed(source.key)
+        else:
+            mapping[name] = source
+    return Layout("OpenCLIP", prefix, mapping, ignore)
+
+
+# ---------------------------------------------------------------------------------------------
+# AutoencoderKL. Ours: the original LDM names (also FLUX's `ae.safetensors`):
+#   {encoder,decoder}.conv_in, encoder.down.I.block.J.*, encoder.down.I.downsample.conv,
+#   {encoder,decoder}.mid.{block_1,attn_1.{norm,q,k,v,proj_out},block_2}, decoder.up.I.block.J.*,
+#   decoder.up.I.upsample.conv, {encoder,decoder}.{norm_out,conv_out}, [post_]quant_conv.
+#   Resnet: norm1, conv1, norm2, conv2, nin_shortcut. up.0 is the highest resolution.
+# ---------------------------------------------------------------------------------------------
+
+_VAE_LDM_MARKER = "decoder.conv_in.weight"
+_VAE_DIFFUSERS_MARKER = "decoder.up_blocks.0.resnets.0.conv1.weight"
+
+
+def vae_layout(keys: Iterable[str], prefix: str | None = None) -> Layout:
+    """The VAE in the original LDM layout (`first_stage_model.` in full checkpoints) or diffusers'."""
+    keys = list(keys)
+    # Both layouts end their decoder input convolution in `decoder.conv_in.weight`; diffusers is
+    # told apart by its up_blocks.
+    prefix, _ = find_prefix(keys, [_VAE_LDM_MARKER], "VAE", prefix)
+    if not any(k.startswith(prefix + "decoder.up_blocks.") for k in keys):
+        return Layout("LDM VAE", prefix, renamed(keys, prefix, []))
+
+    up_blocks = 1 + max(int(m.group(1)) for k in keys
+                        if (m := re.match(re.escape(prefix) + r"decoder\.up_blocks\.(\d+)\.", k)))
+    rules = [
+        (r"down_blocks\.(\d+)\.resnets\.", r"down.\1.block."),
+        (r"down_blocks\.(\d+)\.downsamplers\.0\.", r"down.\1.downsample."),
+        # diffusers counts decoder blocks from the lowest resolution, LDM from the highest.
+        (r"up_blocks\.(\d+)\.resnets\.", lambda m: f"up.{up_blocks - 1 - int(m.group(1))}.block."),
+        (r"up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: f"up.{up_blocks - 1 - int(m.group(1))}.upsample."),
+        (r"\.conv_shortcut\.", ".nin_shortcut."),
+        (r"mid_block\.resnets\.0\.", "mid.block_1."), (r"mid_block\.resnets\.1\.", "mid.block_2."),
+        (r"mid_block\.attentions\.0\.", "mid.attn_1."),
+        # Current diffusers names, then the ones of older diffusers files.
+        (r"attn_1\.group_norm\.", "attn_1.norm."),
+        (r"attn_1\.(to_q|query)\.", "attn_1.q."), (r"attn_1\.(to_k|key)\.", "attn_1.k."),
+        (r"attn_1\.(to_v|value)\.", "attn_1.v."), (r"attn_1\.(to_out\.0|proj_attn)\.", "attn_1.proj_out."),
+        (r"conv_norm_out\.", "norm_out."),
+    ]
+    mapping = {name: (AsConv1x1(src.key) if re.search(r"attn_1\.(q|k|v|proj_out)\.weight$", name) else src)
+               for name, src in renamed(keys, prefix, rules).items()}
+    return Layout("diffusers VAE", prefix, mapping)
+
+
+# ---------------------------------------------------------------------------------------------
+# Gemma (text encoder of Lumina-Next). Ours: transformers' GemmaModel names:
+#   embed_tokens.weight, layers.N.self_attn.{q,k,v,o}_proj.weight,
+#   layers.N.mlp.{gate,up,down}_proj.weight, layers.N.{input,post_attention}_layernorm.weight,
+#   norm.weight. GemmaForCausalLM files put them under `model.`; its lm_head is tied and unused.
+# ---------------------------------------------------------------------------------------------
+
+def gemma_layout(keys: Iterable[str], prefix: str | None = None) -> Layout:
+    keys = list(keys)
+    prefix, _ = find_prefix(keys, ["layers.0.mlp.gate_proj.weight"], "Gemma", prefix)
+    return Layout("transformers Gemma", prefix, renamed(keys, prefix, []))
+
+
+# ---------------------------------------------------------------------------------------------
+# Lumina-Next NextDiT. Ours: the original Lumina-T2X names (`consolidated*.safetensors`):
+#   x_embedder, t_embedder.mlp.{0,2}, cap_embedder.{0,1}, pad_token, final_layer.{adaLN_modulation.1,linear},
+#   layers.N.attention.{wq,wk,wv,wo,wk_y,wv_y,q_norm,k_norm,ky_norm,gate}, layers.N.attention_norm{1,2},
+#   layers.N.ffn_norm{1,2}, layers.N.attention_y_norm, layers.N.adaLN_modulation.1, layers.N.feed_forward.w{1,2,3}.
+# ---------------------------------------------------------------------------------------------
+
+_NEXTDIT_ORIGINAL_MARKER = "layers.0.attention.wk_y.weight"
+_NEXTDIT_DIFFUSERS_MARKER = "layers.0.attn2.to_k.weight"
+
+
+def nextdit_layout(keys: Iterable[str], prefix: str | None = None) -> Layout:
+    keys = list(keys)
+    prefix, marker = find_prefix(keys, [_NEXTDIT_ORIGINAL_MARKER, _NEXTDIT_DIFFUSERS_MARKER], "NextDiT", prefix)
+    if marker == _NEXTDIT_ORIGINAL_MARKER:
+        return Layout("Lumina-T2X NextDiT", prefix, renamed(keys, prefix, []))
+    rules = [
+        (r"\.attn1\.to_q\.", ".attention.wq."), (r"\.attn1\.to_k\.", ".attention.wk."),
+        (r"\.attn1\.to_v\.", ".attention.wv."), (r"\.attn2\.to_k\.", ".attention.wk_y."),
+        (r"\.attn2\.to_v\.", ".attention.wv_y."), (r"\.attn2\.to_out\.0\.", ".attention.wo."),
+        (r"\.attn1\.norm_q\.", ".attention.q_norm."), (r"\.attn1\.norm_k\.", ".attention.k_norm."),
+        (r"\.attn2\.norm_k\.", ".attention.ky_norm."), (r"^(layers\.\d+)\.gate$", r"\1.attention.gate"),
+        (r"\.norm1\.norm\.", ".attention_norm1."), (r"\.norm1\.linear\.", ".adaLN_modulation.1."),
+        (r"\.norm2\.", ".attention_norm2."), (r"\.norm1_context\.", ".attention_y_norm."),
+        (r"\.feed_forward\.linear_(\d)\.", r".feed_forward.w\1."),
+        (r"^patch_embedder\.proj\.", "x_embedder."),
+        (r"^time_caption_embed\.timestep_embedder\.linear_1\.", "t_embedder.mlp.0."),
+        (r"^time_caption_embed\.timestep_embedder\.linear_2\.", "t_embedder.mlp.2."),
+        (r"^time_caption_embed\.caption_embedder\.", "cap_embedder."),
+        (r"^norm_out\.linear_1\.", "final_layer.adaLN_modulation.1."),
+        (r"^norm_out\.linear_2\.", "final_layer.linear."),
+    ]
+    # diffusers stores the one shared wq and q_norm twice (attn1 and attn2); every converted
+    # release holds equal copies, so attn1's are read and attn2's are not.
+    ignore = (r"layers\.\d+\.attn2\.to_q\.", r"layers\.\d+\.attn2\.norm_q\.")
+    return Layout("diffusers NextDiT", prefix, renamed(keys, prefix, rules, ignore), ignore)
+
+
+# ---------------------------------------------------------------------------------------------
+# What a file holds, for error messages.
+# ---------------------------------------------------------------------------------------------
+
+_SIGNATURES = [
+    ("double_blocks.0.img_attn.qkv.weight", "a FLUX.1 transformer (original layout)"),
+    ("single_transformer_blocks.0.attn.to_q.weight", "a FLUX.1 transformer (diffusers layout)"),
+    ("joint_blocks.0.x_block.attn.qkv.weight", "an SD3 MMDiT (original layout)"),
+    ("transformer_blocks.0.attn.add_q_proj.weight", "an SD3 MMDiT (diffusers layout)"),
+    (_NEXTDIT_ORIGINAL_MARKER, "a Lumina-Next NextDiT (original layout)"),
+    (_NEXTDIT_DIFFUSERS_MARKER, "a Lumina-Next NextDiT (diffusers layout)"),
+    (_CLIP_HF_MARKER, "a CLIP text tower (transformers layout)"),
+    (_CLIP_OPENCLIP_MARKER, "a CLIP text tower (OpenCLIP layout)"),
+    ("encoder.block.0.layer.0.SelfAttention.q.weight", "a T5 encoder"),
+    ("layers.0.mlp.gate_proj.weight", "a decoder-only language model such as Gemma"),
+    ("decoder.up.0.block.0.conv1.weight", "a VAE (LDM layout)"),
+    (_VAE_DIFFUSERS_MARKER, "a VAE (diffusers layout)"),
+]
+
+
+def describe(keys: Iterable[str]) -> str:
+    """Name the models a checkpoint holds, from marker keys, with the prefix they sit under."""
+    keys = list(keys)
+    found = []
+    for marker, what in _SIGNATURES:
+        for key in keys:
+            if key.endswith(marker) and (key == marker or key[-len(marker) - 1] == "."):
+                prefix = key[: -len(marker)]
+                found.append(what + (f" under '{prefix}'" if prefix else ""))
+                break
+    if found:
+        return "; ".join(found)
+    sample = ", ".join(sorted(keys)[:3])
+    return f"no model this project knows ({len(keys)} tensors, such as {sample})" if keys else "an empty file"
