@@ -1,0 +1,80 @@
+"""Flow-matching noise schedules, shared by the Lumina-Next, SD3 and FLUX pipelines.
+
+Convention: sigma runs from 1 (pure noise) to 0 (data), x_sigma = sigma * noise + (1 - sigma) * x0,
+and a model's velocity v = d x / d sigma = noise - x0, so one Euler step is
+x <- x + (sigma_next - sigma) * v. Lumina-Next counts time the other way (t = 1 - sigma) and
+predicts x0 - noise; its pipeline converts at the call.
+
+The schedule reproduces diffusers' FlowMatchEulerDiscreteScheduler bit for bit (so the same
+seed gives the same image), including its quirk: the lowest training sigma is shifted once
+when the scheduler is built and once more when the schedule is set.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class FlowMatchSchedule:
+    """The settings of a `scheduler/scheduler_config.json` that shape the sigmas."""
+    shift: float = 1.0                   # sigma' = shift*sigma / (1 + (shift-1)*sigma)
+    num_train_timesteps: int = 1000
+    use_dynamic_shifting: bool = False   # FLUX-dev: the shift follows the image size (mu)
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+    base_image_seq_len: int = 256
+    max_image_seq_len: int = 4096
+
+    @classmethod
+    def from_config(cls, config: dict) -> "FlowMatchSchedule":
+        unsupported = [k for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
+                                   "invert_sigmas", "shift_terminal") if config.get(k)]
+        if unsupported:
+            raise ValueError(f"scheduler_config.json sets {', '.join(unsupported)}, which this sampler does not "
+                             "implement; remove it or use the released scheduler config")
+        if config.get("time_shift_type", "exponential") != "exponential":
+            raise ValueError("scheduler_config.json: only time_shift_type 'exponential' is implemented")
+        fields = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in config.items() if k in fields and v is not None})
+
+    def _shifted(self, sigmas: np.ndarray, mu: float | None) -> np.ndarray:
+        if self.use_dynamic_shifting:
+            # time_shift(mu) = e^mu / (e^mu + (1/sigma - 1)): FLUX's resolution-dependent shift.
+            return math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1))
+        return self.shift * sigmas / (1 + (self.shift - 1) * sigmas)
+
+    def mu(self, image_seq_len: int) -> float:
+        """FLUX's shift exponent, linear in the number of image tokens."""
+        slope = (self.max_shift - self.base_shift) / (self.max_image_seq_len - self.base_image_seq_len)
+        return image_seq_len * slope + (self.base_shift - slope * self.base_image_seq_len)
+
+    def sigmas(self, steps: int, mu: float | None = None, sigmas: list[float] | None = None) -> torch.Tensor:
+        """steps + 1 float32 sigmas, from about 1 down to a final 0.
+
+        Without `sigmas`, the grid is evenly spaced between the largest and the smallest
+        training sigma; FLUX passes its own grid linspace(1, 1/steps, steps) instead.
+        """
+        if self.use_dynamic_shifting and mu is None:
+            raise ValueError("this schedule shifts with the image size: pass mu")
+        if sigmas is None:
+            train = np.linspace(1, self.num_train_timesteps, self.num_train_timesteps, dtype=np.float32)[::-1]
+            train = torch.from_numpy(train / self.num_train_timesteps)
+            if not self.use_dynamic_shifting:  # diffusers shifts the training sigmas when it is built
+                train = self.shift * train / (1 + (self.shift - 1) * train)
+            sigma_max, sigma_min = train[0].item(), train[-1].item()
+            grid = np.linspace(sigma_max * self.num_train_timesteps, sigma_min * self.num_train_timesteps, steps)
+            grid = grid / self.num_train_timesteps
+        else:
+            grid = np.array(sigmas).astype(np.float32)
+        grid = torch.from_numpy(self._shifted(grid, mu)).to(torch.float32)
+        return torch.cat([grid, torch.zeros(1)])
+
+
+def timesteps_of(sigmas: torch.Tensor, num_train_timesteps: int = 1000) -> torch.Tensor:
+    """The scheduler's timesteps (sigma * 1000 in float32), which some models take as input."""
+    return sigmas[:-1] * num_train_timesteps
