@@ -238,7 +238,7 @@ def _check_keys(model: nn.Module, checkpoint: Checkpoint, layout, expected: dict
     parts = [f"{checkpoint.path} does not fit {type(model).__name__} (read as the {layout.name} layout"
              + (f" under '{layout.prefix}'" if layout.prefix else "") + ")."]
     if missing:
-        parts.append(f"Missing {len(missing)}: {first(missing)}.")
+        parts.append(f"Missing {len(missing)} (named as this project's model names them): {first(missing)}.")
     if unexpected or extra_targets:
         parts.append(f"Unexpected {len(unexpected) + len(extra_targets)}: {first(unexpected + extra_targets)}.")
     parts.append(f"The file looks like: {describe(checkpoint.keys())}.")

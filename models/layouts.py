@@ -113,6 +113,11 @@ def renamed(keys: Iterable[str], prefix: str, rules: list[tuple[str, object]],
     return mapping
 
 
+def _ends_with_name(key: str, marker: str) -> bool:
+    """`key` is `marker` under some prefix ending in '.' (so 'xdecoder.conv_in' is not 'decoder.conv_in')."""
+    return key == marker or (key.endswith(marker) and key[-len(marker) - 1] == ".")
+
+
 def find_prefix(keys: Iterable[str], markers: Iterable[str], what: str, prefix: str | None) -> tuple[str, str]:
     """Find where a model sits in a file: the prefix before one of `markers`, and which marker.
 
@@ -122,7 +127,7 @@ def find_prefix(keys: Iterable[str], markers: Iterable[str], what: str, prefix: 
     keys = list(keys)
     found = []
     for marker in markers:
-        found += [(k[: -len(marker)], marker) for k in keys if k.endswith(marker)]
+        found += [(k[: -len(marker)], marker) for k in keys if _ends_with_name(k, marker)]
     if prefix is not None:
         found = [f for f in found if f[0] == prefix]
     if len(found) == 1:
@@ -300,7 +305,7 @@ def describe(keys: Iterable[str]) -> str:
     found = []
     for marker, what in _SIGNATURES:
         for key in keys:
-            if key.endswith(marker) and (key == marker or key[-len(marker) - 1] == "."):
+            if _ends_with_name(key, marker):
                 prefix = key[: -len(marker)]
                 found.append(what + (f" under '{prefix}'" if prefix else ""))
                 break
