@@ -249,3 +249,25 @@ def build_on_meta(factory: Callable[[], nn.Module]) -> nn.Module:
     """Build a module without allocating its weights; `load_into` then assigns the real tensors."""
     with torch.device("meta"):
         return factory()
+
+
+def load_model(path_or_checkpoint: str | os.PathLike | Checkpoint, find_layout, build,
+               prefix: str | None = None, dtype: torch.dtype | None = None,
+               device: torch.device | str = "cpu") -> nn.Module:
+    """The one way every model here is loaded.
+
+    find_layout(keys, prefix) -> Layout says where the model sits in the file and how its keys
+    map onto our names; build(shapes, config) -> nn.Module infers the configuration from the
+    shapes (our names) and config.json, and builds the model, which is built on the meta device
+    and filled from the file. Pass an open Checkpoint to read several models from one file.
+    """
+    checkpoint = path_or_checkpoint if isinstance(path_or_checkpoint, Checkpoint) else Checkpoint(path_or_checkpoint)
+    layout = find_layout(checkpoint.keys(), prefix)
+    shapes = layout.shapes(checkpoint.shape)
+    try:
+        model = build_on_meta(lambda: build(shapes, checkpoint.config))
+    except CheckpointError as error:  # say which file, and that the names are ours, not the file's
+        where = f" under '{layout.prefix}'" if layout.prefix else ""
+        raise CheckpointError(f"{checkpoint.path} (read as the {layout.name} layout{where}; "
+                              f"tensors named as this project names them): {error}") from None
+    return load_into(model, checkpoint, layout, dtype=dtype, device=device)

@@ -20,6 +20,7 @@ import torch
 from .checkpoint import CheckpointError
 
 Read = Callable[[str], torch.Tensor]
+ShapeOf = Callable[[str], tuple[int, ...]]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -34,6 +35,9 @@ class Key:
     @property
     def keys(self) -> tuple[str, ...]:
         return (self.key,)
+
+    def shape(self, shape_of: ShapeOf) -> tuple[int, ...]:
+        return shape_of(self.key)
 
     def read(self, read: Read) -> torch.Tensor:
         return read(self.key)
@@ -50,6 +54,10 @@ class Chunk:
     def keys(self) -> tuple[str, ...]:
         return (self.key,)
 
+    def shape(self, shape_of: ShapeOf) -> tuple[int, ...]:
+        rows, *rest = shape_of(self.key)
+        return (rows // self.parts, *rest)
+
     def read(self, read: Read) -> torch.Tensor:
         return read(self.key).chunk(self.parts, dim=0)[self.index].clone()
 
@@ -62,6 +70,9 @@ class Transposed:
     @property
     def keys(self) -> tuple[str, ...]:
         return (self.key,)
+
+    def shape(self, shape_of: ShapeOf) -> tuple[int, ...]:
+        return tuple(reversed(shape_of(self.key)))
 
     def read(self, read: Read) -> torch.Tensor:
         return read(self.key).t().contiguous()
@@ -76,6 +87,10 @@ class AsConv1x1:
     def keys(self) -> tuple[str, ...]:
         return (self.key,)
 
+    def shape(self, shape_of: ShapeOf) -> tuple[int, ...]:
+        shape = tuple(shape_of(self.key))
+        return shape + (1, 1) if len(shape) == 2 else shape
+
     def read(self, read: Read) -> torch.Tensor:
         tensor = read(self.key)
         return tensor[:, :, None, None] if tensor.dim() == 2 else tensor
@@ -88,6 +103,10 @@ class Layout:
     prefix: str                     # every key of this model starts with it
     mapping: dict[str, object]      # our parameter name -> Source
     ignore: tuple[str, ...] = field(default=())  # regexes (after the prefix) of keys no parameter reads
+
+    def shapes(self, shape_of: ShapeOf) -> dict[str, tuple[int, ...]]:
+        """The shape each of our parameters will have, from the file's header alone (nothing is read)."""
+        return {name: tuple(source.shape(shape_of)) for name, source in self.mapping.items()}
 
     def scope(self, keys: Iterable[str]) -> list[str]:
         """The checkpoint keys that belong to this model: every one of them must be read."""
@@ -148,12 +167,22 @@ def find_prefix(keys: Iterable[str], markers: Iterable[str], what: str, prefix: 
 
 _CLIP_HF_MARKER = "text_model.final_layer_norm.weight"
 _CLIP_OPENCLIP_MARKER = "transformer.resblocks.0.attn.in_proj_weight"
+# transformers 5 saves a bare CLIPTextModel without the `text_model.` level: our names exactly.
+_CLIP_BARE_MARKER = "embeddings.token_embedding.weight"
 
 
 def clip_layout(keys: Iterable[str], prefix: str | None = None) -> Layout:
     """The CLIP text tower in a file of transformers' layout or of OpenCLIP's."""
     keys = list(keys)
-    prefix, marker = find_prefix(keys, [_CLIP_HF_MARKER, _CLIP_OPENCLIP_MARKER], "CLIP text", prefix)
+    # The bare marker also ends the transformers layout's keys, so it is looked for only when
+    # neither full layout is there.
+    if any(_ends_with_name(k, m) for k in keys for m in (_CLIP_HF_MARKER, _CLIP_OPENCLIP_MARKER)):
+        prefix, marker = find_prefix(keys, [_CLIP_HF_MARKER, _CLIP_OPENCLIP_MARKER], "CLIP text", prefix)
+    else:
+        prefix, marker = find_prefix(keys, [_CLIP_BARE_MARKER], "CLIP text", prefix)
+    if marker == _CLIP_BARE_MARKER:
+        ignore = (r"embeddings\.position_ids$",)
+        return Layout("transformers CLIP", prefix, renamed(keys, prefix, [], ignore), ignore)
     if marker == _CLIP_HF_MARKER:
         # A full CLIPModel file also holds the image tower; position_ids is a stale buffer.
         ignore = (r"text_model\.embeddings\.position_ids$", r"vision_model\.", r"visual_projection\.",

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import attention
-from .checkpoint import Checkpoint, CheckpointError, build_on_meta, load_into
-from .layouts import AsConv1x1, Key, Layout, vae_layout
+from .checkpoint import Checkpoint, CheckpointError, build_on_meta, load_model
+from .layouts import vae_layout
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ class VAEParams:
 
     @classmethod
     def from_shapes(cls, shapes: dict[str, tuple[int, ...]], config: dict | None = None) -> "VAEParams":
-        """Infer the parameters from tensor shapes under OUR names (see `vae_shapes`).
+        """Infer the parameters from tensor shapes under OUR names (see `Layout.shapes`).
 
         `config` (a diffusers config.json) is read only for what shapes cannot say: the number
         of GroupNorm groups.
@@ -313,19 +313,6 @@ class AutoencoderKL(nn.Module):
 # Loading
 # ---------------------------------------------------------------------------------------------
 
-def vae_shapes(checkpoint: Checkpoint, layout: Layout) -> dict[str, tuple[int, ...]]:
-    """The shape each of our parameters will have, from the file's header alone (nothing is read)."""
-    shapes = {}
-    for name, source in layout.mapping.items():
-        if not isinstance(source, (Key, AsConv1x1)):
-            raise TypeError(f"unexpected source {source!r} in a VAE layout")
-        shape = tuple(checkpoint.shape(source.key))
-        if isinstance(source, AsConv1x1) and len(shape) == 2:  # a Linear stored where we keep a 1x1 conv
-            shape += (1, 1)
-        shapes[name] = shape
-    return shapes
-
-
 def load_vae(path_or_checkpoint: str | os.PathLike | Checkpoint, prefix: str | None = None,
              dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> AutoencoderKL:
     """Load an AutoencoderKL from an LDM-layout file (FLUX `ae.safetensors`, SD3's `first_stage_model.`),
@@ -334,17 +321,9 @@ def load_vae(path_or_checkpoint: str | os.PathLike | Checkpoint, prefix: str | N
     `prefix` says where the VAE sits when the file holds several (e.g. "first_stage_model.");
     `dtype` None keeps the file's dtype.
     """
-    checkpoint = (path_or_checkpoint if isinstance(path_or_checkpoint, Checkpoint)
-                  else Checkpoint(path_or_checkpoint))
-    layout = vae_layout(checkpoint.keys(), prefix)
-    try:
-        params = VAEParams.from_shapes(vae_shapes(checkpoint, layout), checkpoint.config)
-    except CheckpointError as error:  # say which file, and that the names are ours, not the file's
-        where = f" under '{layout.prefix}'" if layout.prefix else ""
-        raise CheckpointError(f"{checkpoint.path} (read as the {layout.name} layout{where}, "
-                              f"in LDM names): {error}") from None
-    model = build_on_meta(lambda: AutoencoderKL(params))
-    return load_into(model, checkpoint, layout, dtype=dtype, device=device)
+    return load_model(path_or_checkpoint, vae_layout,
+                      lambda shapes, config: AutoencoderKL(VAEParams.from_shapes(shapes, config)),
+                      prefix=prefix, dtype=dtype, device=device)
 
 
 def tiny_random_vae(latent_channels: int = 4, seed: int = 0) -> AutoencoderKL:
