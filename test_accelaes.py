@@ -33,7 +33,7 @@ def test_no_arguments_writes_a_png_and_says_the_weights_are_random(tmp_path):
 def test_same_seed_same_picture_other_seed_other_picture(tmp_path):
     for name, seed in (("a.png", 1), ("b.png", 1), ("c.png", 2)):
         assert sample.main(["--output", str(tmp_path / name), "--seed", str(seed), "--height", "64",
-                            "--width", "96"]) == 0
+                            "--width", "96", "--steps", "3"]) == 0
     a, b, c = (np.asarray(Image.open(tmp_path / n)) for n in ("a.png", "b.png", "c.png"))
     assert a.shape == (64, 96, 3)
     assert np.array_equal(a, b) and not np.array_equal(a, c)
@@ -42,19 +42,21 @@ def test_same_seed_same_picture_other_seed_other_picture(tmp_path):
 def test_existing_output_is_kept_without_overwrite(tmp_path, capsys):
     output = tmp_path / "out.png"
     output.write_bytes(b"precious")
-    assert sample.main(["--output", str(output), "--height", "64", "--width", "64"]) == 2
+    assert sample.main(["--output", str(output), "--height", "64", "--width", "64", "--steps", "2"]) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "already exists: pass --overwrite" in error
     assert output.read_bytes() == b"precious"
-    assert sample.main(["--output", str(output), "--height", "64", "--width", "64", "--overwrite"]) == 0
+    assert sample.main(["--output", str(output), "--height", "64", "--width", "64", "--steps", "2",
+                        "--overwrite"]) == 0
     assert Image.open(output).size == (64, 64)
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--height", "100"], "--height 100: use a multiple of 16"),
-    (["--width", "32"], "--width 32: use a multiple of 16, at least 64"),
+    (["--height", "100"], "--height 100 is not a positive multiple of 16, which Lumina-Next needs (try 96)"),
+    (["--width", "40"], "--width 40 is not a positive multiple of 16"),
+    (["--steps", "0"], "--steps 0: use at least 1"),
     (["--output", "picture.jpg"], "name it *.png"),
-    (["--weights", "/nonexistent/folder"], "does not exist: download the files listed in weights.md"),
+    (["--weights", "/nonexistent/folder"], "is not a folder: download the files listed in weights.md"),
     (["--device", "nosuchdevice"], "try --device cpu"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch, flags, message):

@@ -152,9 +152,12 @@ def corpus(seed: int = 0) -> list[str]:
 
 @pytest.fixture(scope="module")
 def sp_model(tmp_path_factory):
+    return train_tokenizer(tmp_path_factory.mktemp("gemma_tokenizer"))
+
+
+def train_tokenizer(folder):
     """A SentencePiece BPE model with Gemma's special ids, byte fallback and the default normalizer
     (dummy prefix, whitespace collapsing, NFKC): transformers ignores all three, so must we."""
-    folder = tmp_path_factory.mktemp("gemma_tokenizer")
     text = folder / "corpus.txt"
     text.write_text("\n".join(corpus()), encoding="utf-8")
     spm.SentencePieceTrainer.train(
