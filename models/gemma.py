@@ -36,6 +36,7 @@ from torch import nn
 from .attention import attention, merge_heads, split_heads
 from .checkpoint import Checkpoint, CheckpointError, load_model
 from .layouts import gemma_layout
+from .sentencepiece_model import BPE, CONTROL, UNKNOWN, USER_DEFINED, read_sentencepiece_model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,68 +237,6 @@ def load_gemma(path_or_checkpoint: str | os.PathLike | Checkpoint, prefix: str |
 # Tokenizer
 # ---------------------------------------------------------------------------------------------
 
-def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = data[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        shift += 7
-        if byte < 0x80:
-            return value, pos
-
-
-def _protobuf_fields(data: bytes):
-    """Yield (field number, value) of one serialized protobuf message (bytes for nested ones)."""
-    pos = 0
-    while pos < len(data):
-        key, pos = _read_varint(data, pos)
-        number, wire_type = key >> 3, key & 7
-        if wire_type == 0:                      # varint
-            value, pos = _read_varint(data, pos)
-        elif wire_type == 1:                    # 64-bit
-            value, pos = data[pos:pos + 8], pos + 8
-        elif wire_type == 2:                    # length-delimited: strings, nested messages
-            length, pos = _read_varint(data, pos)
-            value, pos = data[pos:pos + length], pos + length
-        elif wire_type == 5:                    # 32-bit
-            value, pos = data[pos:pos + 4], pos + 4
-        else:
-            raise ValueError(f"unsupported protobuf wire type {wire_type}")
-        if pos > len(data):
-            raise ValueError("truncated protobuf message")
-        yield number, value
-
-
-# SentencePiece piece types (sentencepiece_model.proto) and model types.
-_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
-_UNIGRAM, _BPE = 1, 2
-
-
-def read_sentencepiece_model(path: str | os.PathLike) -> tuple[list[str], list[int], int]:
-    """The pieces (in id order), their types and the model type of a SentencePiece `.model` file.
-
-    The file is a serialized ModelProto: field 1 holds the pieces (each: 1 = text, 2 = score,
-    3 = type), field 2 the trainer spec (3 = model type). Read here so that neither protobuf
-    nor sentencepiece is needed at run time.
-    """
-    pieces, types, model_type = [], [], _UNIGRAM
-    try:
-        for number, value in _protobuf_fields(Path(path).read_bytes()):
-            if number == 1:
-                fields = dict(_protobuf_fields(value))
-                pieces.append(fields.get(1, b"").decode("utf-8"))
-                types.append(fields.get(3, _NORMAL))
-            elif number == 2:
-                model_type = dict(_protobuf_fields(value)).get(3, _UNIGRAM)
-    except (ValueError, IndexError, UnicodeDecodeError, TypeError, AttributeError):
-        raise CheckpointError(f"{path} is not a SentencePiece model (or it is damaged): "
-                              "download Gemma's tokenizer.model again") from None
-    if not pieces:
-        raise CheckpointError(f"{path} holds no SentencePiece vocabulary: download Gemma's tokenizer.model again")
-    return pieces, types, model_type
-
-
 class GemmaTokenizer:
     """Gemma's tokenizer as transformers 5 runs it (`GemmaTokenizer`), for Lumina-Next prompts.
 
@@ -350,11 +289,13 @@ class GemmaTokenizer:
         self._added_pattern = re.compile("|".join(map(re.escape, sorted(added, key=len, reverse=True))))
 
     def _load_sentencepiece(self, path: Path) -> None:
-        self.pieces, types, model_type = read_sentencepiece_model(path)
-        if model_type != _BPE:
-            raise CheckpointError(f"{path} is a SentencePiece model of type {model_type}, not BPE (2): it is not "
-                                  "Gemma's tokenizer.model (T5's spiece.model is a unigram model)")
-        self._added = [p for p, t in zip(self.pieces, types) if t in (_UNKNOWN, _CONTROL, _USER_DEFINED)]
+        model = read_sentencepiece_model(path)
+        if model.model_type != BPE:
+            raise CheckpointError(f"{path} is a SentencePiece model of type {model.model_type}, not BPE (2): it is "
+                                  "not Gemma's tokenizer.model (T5's spiece.model is a unigram model)")
+        self.pieces = model.pieces
+        self._added = [piece for piece, kind in zip(model.pieces, model.types)
+                       if kind in (UNKNOWN, CONTROL, USER_DEFINED)]
         self._merge_ranks = None  # priorities come from piece ids, see _rank
 
     def _load_json(self, path: Path) -> None:

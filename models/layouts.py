@@ -271,6 +271,34 @@ def gemma_layout(keys: Iterable[str], prefix: str | None = None) -> Layout:
 
 
 # ---------------------------------------------------------------------------------------------
+# T5 v1.1 encoder (SD3's and FLUX's T5-XXL). Ours: transformers' T5EncoderModel names:
+#   shared.weight, encoder.block.N.layer.0.SelfAttention.{q,k,v,o}.weight,
+#   encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight,
+#   encoder.block.N.layer.{0,1}.layer_norm.weight, encoder.block.N.layer.1.DenseReluDense.{wi_0,wi_1,wo}.weight,
+#   encoder.final_layer_norm.weight. SD3's single files put them under `text_encoders.t5xxl.transformer.`.
+# ---------------------------------------------------------------------------------------------
+
+_T5_MARKER = "encoder.block.0.layer.0.SelfAttention.q.weight"
+
+
+def t5_layout(keys: Iterable[str], prefix: str | None = None) -> Layout:
+    """The T5 encoder in transformers' layout, alone or under a prefix (SD3: `text_encoders.t5xxl.transformer.`).
+
+    The token table is tied: transformers saves `shared.weight` only, other files hold
+    `encoder.embed_tokens.weight` too, or instead. `shared.weight` is read when present,
+    else `encoder.embed_tokens.weight`; the other copy is ignored. A full T5 file's decoder
+    and lm_head are ignored too.
+    """
+    keys = list(keys)
+    prefix, _ = find_prefix(keys, [_T5_MARKER], "T5 encoder", prefix)
+    ignore = (r"decoder\.", r"lm_head\.")
+    if prefix + "shared.weight" in keys:
+        ignore += (r"encoder\.embed_tokens\.weight$",)
+    rules = [(r"^encoder\.embed_tokens\.weight$", "shared.weight")]
+    return Layout("transformers T5", prefix, renamed(keys, prefix, rules, ignore), ignore)
+
+
+# ---------------------------------------------------------------------------------------------
 # Lumina-Next NextDiT. Ours: the original Lumina-T2X names (`consolidated*.safetensors`):
 #   x_embedder, t_embedder.mlp.{0,2}, cap_embedder.{0,1}, pad_token, final_layer.{adaLN_modulation.1,linear},
 #   layers.N.attention.{wq,wk,wv,wo,wk_y,wv_y,q_norm,k_norm,ky_norm,gate}, layers.N.attention_norm{1,2},
@@ -321,7 +349,7 @@ _SIGNATURES = [
     (_NEXTDIT_DIFFUSERS_MARKER, "a Lumina-Next NextDiT (diffusers layout)"),
     (_CLIP_HF_MARKER, "a CLIP text tower (transformers layout)"),
     (_CLIP_OPENCLIP_MARKER, "a CLIP text tower (OpenCLIP layout)"),
-    ("encoder.block.0.layer.0.SelfAttention.q.weight", "a T5 encoder"),
+    (_T5_MARKER, "a T5 encoder"),
     ("layers.0.mlp.gate_proj.weight", "a decoder-only language model such as Gemma"),
     ("decoder.up.0.block.0.conv1.weight", "a VAE (LDM layout)"),
     (_VAE_DIFFUSERS_MARKER, "a VAE (diffusers layout)"),

@@ -16,6 +16,8 @@ import torch
 
 from models.checkpoint import CheckpointError
 from models.gemma import GemmaEncoder, GemmaParams, GemmaTokenizer, load_gemma
+from models import sentencepiece_model
+from models.sentencepiece_model import read_sentencepiece_model
 from tests.common import randomize_, rel_err, save_state
 
 transformers = pytest.importorskip("transformers")
@@ -286,6 +288,35 @@ def test_missing_or_wrong_tokenizer(tmp_path, sp_model):
                                    vocab_size=150, model_type="unigram", minloglevel=2)
     with pytest.raises(CheckpointError, match="not BPE"):
         GemmaTokenizer(tmp_path / "t5.model")
+
+
+def test_sentencepiece_reader(sp_model, tmp_path):
+    """models/sentencepiece_model.py against sentencepiece itself, on a model with every kind of piece."""
+    model = read_sentencepiece_model(sp_model)
+    processor = spm.SentencePieceProcessor(model_file=str(sp_model))
+    ids = range(processor.get_piece_size())
+    assert model.pieces == [processor.id_to_piece(i) for i in ids]
+    assert model.scores == [processor.get_score(i) for i in ids]
+
+    def kind(i: int) -> int:  # sentencepiece cannot say "user-defined": those are our USER_DEFINED list
+        for test, piece_type in [(processor.is_unknown, sentencepiece_model.UNKNOWN),
+                                 (processor.is_control, sentencepiece_model.CONTROL),
+                                 (processor.is_byte, sentencepiece_model.BYTE),
+                                 (processor.is_unused, sentencepiece_model.UNUSED)]:
+            if test(i):
+                return piece_type
+        user_defined = processor.id_to_piece(i) in USER_DEFINED
+        return sentencepiece_model.USER_DEFINED if user_defined else sentencepiece_model.NORMAL
+
+    assert model.types == [kind(i) for i in ids]
+    assert len(set(model.types)) == 5  # all but UNUSED
+    assert model.model_type == sentencepiece_model.BPE and model.charsmap  # the default normalizer has a table
+    # A file cut short, and an empty one.
+    (tmp_path / "cut.model").write_bytes(sp_model.read_bytes()[:-1])
+    (tmp_path / "empty.model").write_bytes(b"")
+    for name in ("cut.model", "empty.model"):
+        with pytest.raises(CheckpointError, match="is not a SentencePiece model .*download it again"):
+            read_sentencepiece_model(tmp_path / name)
 
 
 def test_tokenizer_and_encoder_end_to_end(tokenizers, reference):
