@@ -1,10 +1,13 @@
-"""Turn a prompt into a picture.
+"""Turn a prompt into a picture, accelerated by AccelAes (or densely with --dense).
 
     python sample.py --prompt "a lighthouse at dusk, oil painting" --weights Lumina-Next-SFT-diffusers
 
 Without --weights this runs a small built-in model with RANDOM weights, to show the
 machinery end to end in seconds; the picture is noise-like by design. weights.md says which
 released files to download and how to point --weights at them.
+
+--compare runs dense and AccelAes with the same seed and prints what each cost and how far
+apart the pictures are; --save-mask writes AccelAes' focus mask beside the picture.
 """
 
 from __future__ import annotations
@@ -22,10 +25,31 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from accelaes import AccelAes, AccelAesConfig, clip_phrase_embedder, load_anchors
 from models.checkpoint import CheckpointError
+from models.clip import CLIPTokenizer, load_clip
 from models.lumina_pipeline import LuminaNextPipeline, LuminaSettings, check_size
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# Help for every field of AccelAesConfig: each becomes a flag (--no-X for switches that are on).
+ACCELAES_HELP = {
+    "anchors": "text file of aesthetic anchor phrases, one a line (default: the paper's 34)",
+    "threshold": "least CLIP similarity to an anchor for a prompt word to count as aesthetic",
+    "top_k": "at most this many aesthetic prompt tokens weight the attention map",
+    "mask_step": "step (from 0) whose dense evaluation records the attention and builds the mask",
+    "record_every": "record every n-th cross-attention layer (1: all, as the paper)",
+    "skip_ratio": "share of image tokens left in the background (not recomputed)",
+    "smooth_sigma": "Gaussian smoothing of the attention map, in tokens (0: off)",
+    "sparse": "compute only the focus tokens after the mask step (SkipSparse)",
+    "sparse_refresh": "run every n-th evaluation after the mask step densely to refresh the background (0: never)",
+    "spatial_cfg": "guide focus and background tokens with their own scales (spatial CFG)",
+    "guidance_fg": "guidance scale on focus tokens, with spatial CFG",
+    "guidance_bg": "guidance scale on background tokens, with spatial CFG",
+    "step_cache": "extrapolate the prediction of skipped steps (StepCache)",
+    "warmup": "steps computed before StepCache starts skipping",
+    "interval": "after the warmup, compute every n-th step and extrapolate the others",
+}
 
 
 class UsageError(ValueError):
@@ -75,7 +99,39 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: bf16 on a GPU, fp32 on the CPU)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="torch device to run on (default: %(default)s)")
+    method = parser.add_argument_group("AccelAes (on by default)")
+    method.add_argument("--dense", action="store_true", help="turn AccelAes off: every step runs the whole model")
+    method.add_argument("--compare", action="store_true",
+                        help="run dense and AccelAes with the same seed, write both pictures (the dense one "
+                             "as NAME-dense.png) and print their cost and PSNR")
+    method.add_argument("--save-mask", action="store_true",
+                        help="write the focus mask beside the picture as NAME-mask.png: the picture, the "
+                             "attention heat map, and the focus tokens over the picture")
+    method.add_argument("--clip", type=Path, default=None,
+                        help="folder of a CLIP ViT-L/14 text encoder with its tokenizer, to find the aesthetic "
+                             "words of the prompt (default: WEIGHTS/clip-vit-large-patch14 if there; without "
+                             "it every prompt token weighs the same)")
+    defaults = AccelAesConfig()
+    for name, text in ACCELAES_HELP.items():
+        default = getattr(defaults, name)
+        flag = "--" + name.replace("_", "-")
+        if name == "anchors":
+            method.add_argument(flag, type=Path, default=None, help=text)
+        elif isinstance(default, bool):
+            method.add_argument("--no-" + name.replace("_", "-"), dest=name, action="store_false",
+                                help=f"turn off: {text}")
+        else:
+            method.add_argument(flag, type=type(default), default=default, help=f"{text} (default: %(default)s)")
     return parser
+
+
+def accelaes_config(args: argparse.Namespace) -> AccelAesConfig:
+    fields = {name: getattr(args, name) for name in ACCELAES_HELP if name != "anchors"}
+    config = AccelAesConfig(**fields)
+    if args.anchors is not None:
+        config.anchors = load_anchors(args.anchors)
+    config.check(args.steps)
+    return config
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -101,6 +157,27 @@ def check_args(args: argparse.Namespace) -> None:
     if args.weights is not None and not args.weights.is_dir():
         raise UsageError(f"--weights {args.weights} is not a folder: download the files listed in weights.md "
                          "into one")
+    if args.clip is not None and not args.clip.is_dir():
+        raise UsageError(f"--clip {args.clip} is not a folder: give a CLIP ViT-L/14 text encoder folder "
+                         "(see weights.md)")
+    if args.dense and (args.compare or args.save_mask):
+        raise UsageError("--dense runs no AccelAes: drop it to --compare or --save-mask")
+    if not args.dense:
+        try:
+            accelaes_config(args)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+        if args.solver != "euler":
+            raise UsageError(f"--solver {args.solver}: AccelAes extrapolates Euler steps; add --dense")
+    for extra in extra_outputs(args):
+        if extra.exists() and not args.overwrite:
+            raise UsageError(f"{extra} already exists: pass --overwrite or choose another --output")
+
+
+def extra_outputs(args: argparse.Namespace) -> list[Path]:
+    """Files written beside --output."""
+    stem = args.output.with_suffix("")
+    return ([Path(f"{stem}-dense.png")] if args.compare else []) + ([Path(f"{stem}-mask.png")] if args.save_mask else [])
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:
@@ -133,6 +210,39 @@ def write_png(image: Image.Image, path: Path, parameters: dict) -> None:
         raise
 
 
+def psnr(image: torch.Tensor, reference: torch.Tensor) -> float:
+    """Peak signal-to-noise ratio, in dB, of images in [0, 1]."""
+    mse = (image.float() - reference.float()).pow(2).mean().item()
+    return float("inf") if mse == 0 else 10 * np.log10(1 / mse)
+
+
+def mask_picture(image: torch.Tensor, accel: AccelAes) -> Image.Image:
+    """Three panels: the picture, the attention heat map over it, the focus tokens over it."""
+    mask = accel.mask
+    size = image.shape[1:]
+    heat = mask.affinity[0].view(1, 1, *mask.grid).float()
+    heat = (heat - heat.min()) / (heat.max() - heat.min()).clamp_min(1e-12)
+    heat = torch.nn.functional.interpolate(heat, size=size, mode="nearest")[0, 0]
+    colour = torch.stack([(2 * heat).clamp(0, 1), (2 * heat - 1).clamp(0, 1), 0.25 * (1 - heat)])
+    focus = torch.nn.functional.interpolate(mask.soft[0].view(1, 1, *mask.grid).float(), size=size,
+                                            mode="nearest")[0]
+    picture = image.float().cpu()
+    panels = [picture, 0.4 * picture + 0.6 * colour, picture * (0.25 + 0.75 * focus)]
+    return to_pil(torch.cat(panels, dim=2))
+
+
+def load_embedder(args: argparse.Namespace):
+    """The CLIP phrase embedder for AesMask, or None (uniform token weights)."""
+    folder = args.clip
+    if folder is None and args.weights is not None and (args.weights / "clip-vit-large-patch14").is_dir():
+        folder = args.weights / "clip-vit-large-patch14"
+    if folder is None:
+        return None
+    print(f"loading CLIP from {folder} for AesMask ...", file=sys.stderr)
+    model = load_clip(folder, dtype=torch.float32, device=args.device)
+    return clip_phrase_embedder(model, CLIPTokenizer.from_folder(folder))
+
+
 def load_pipeline(args: argparse.Namespace) -> tuple[LuminaNextPipeline, str]:
     if args.weights is None:
         print("No --weights given: running a small built-in model with RANDOM weights, so the picture "
@@ -147,6 +257,23 @@ def load_pipeline(args: argparse.Namespace) -> tuple[LuminaNextPipeline, str]:
     return LuminaNextPipeline.from_folder(args.weights, DTYPES[args.dtype], args.device), args.model
 
 
+def generate(pipeline, args, settings, accel: AccelAes | None) -> tuple[torch.Tensor, float]:
+    started = time.perf_counter()
+    _, images = pipeline.generate([args.prompt], [args.negative_prompt], seed=args.seed, height=args.height,
+                                  width=args.width, settings=settings, progress=progress_bar, accelerator=accel)
+    return images[0], time.perf_counter() - started
+
+
+def print_comparison(dense_seconds: float, fast_seconds: float, accel: AccelAes, quality: float, steps: int) -> None:
+    stats = accel.stats
+    rows = [("dense", dense_seconds, f"{steps}/0/0", 1.0, "-"),
+            ("AccelAes", fast_seconds, f"{stats.dense}/{stats.sparse}/{stats.extrapolated}",
+             dense_seconds / fast_seconds, f"{quality:.2f} dB")]
+    print(f"{'run':<10}{'seconds':>9}  {'evaluations dense/sparse/extrapolated':<40}{'speedup':>8}  PSNR vs dense")
+    for name, seconds, counts, speedup, db in rows:
+        print(f"{name:<10}{seconds:>9.2f}  {counts:<40}{speedup:>7.2f}x  {db}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -156,12 +283,30 @@ def main(argv: list[str] | None = None) -> int:
         settings = LuminaSettings(steps=args.steps, guidance=args.guidance, solver=args.solver, shift=args.shift,
                                   scaling_watershed=args.scaling_watershed,
                                   proportional_attn=not args.no_proportional_attn)
-        _, images = pipeline.generate([args.prompt], [args.negative_prompt], seed=args.seed, height=args.height,
-                                      width=args.width, settings=settings, progress=progress_bar)
         parameters = {"model": model, "weights": str(args.weights) if args.weights else None,
                       "prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": args.seed,
                       "height": args.height, "width": args.width, "dtype": args.dtype, **settings.__dict__}
-        write_png(to_pil(images[0]), args.output, parameters)
+        accel = None if args.dense else AccelAes.create(accelaes_config(args), load_embedder(args))
+        if args.compare:
+            # One step first, so neither timed run pays the one-time start-up costs.
+            pipeline.generate([args.prompt], [args.negative_prompt], height=args.height, width=args.width,
+                              settings=LuminaSettings(**{**settings.__dict__, "steps": 1}))
+        image, seconds = generate(pipeline, args, settings, accel)
+        if accel is not None:
+            print(f"AesMask: {accel.reports[0].describe()}", file=sys.stderr)
+            print(f"AccelAes: {accel.stats.dense} dense, {accel.stats.sparse} sparse evaluations, "
+                  f"{accel.stats.extrapolated} steps extrapolated ({seconds:.1f} s)", file=sys.stderr)
+            parameters["accelaes"] = {**{k: v for k, v in accel.config.__dict__.items() if k != "anchors"},
+                                      **accel.stats.__dict__, "aesmask": accel.reports[0].describe()}
+        else:
+            parameters["accelaes"] = None
+        if args.compare:
+            dense_image, dense_seconds = generate(pipeline, args, settings, None)
+            print_comparison(dense_seconds, seconds, accel, psnr(image, dense_image), args.steps)
+            write_png(to_pil(dense_image), extra_outputs(args)[0], {**parameters, "accelaes": None})
+        if args.save_mask:
+            write_png(mask_picture(image, accel), extra_outputs(args)[-1], parameters)
+        write_png(to_pil(image), args.output, parameters)
     except (UsageError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

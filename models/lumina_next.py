@@ -26,13 +26,13 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import attention, merge_heads, split_heads
+from .attention import AttentionProbe, attention, merge_heads, split_heads
 from .checkpoint import Checkpoint, CheckpointError, load_model
 from .layouts import nextdit_layout
 
@@ -259,18 +259,21 @@ class Attention(nn.Module):
                 split_heads(self.wv_y(y), self.kv_heads))
 
     def mix(self, q: torch.Tensor, image_kv, text_kv, text_mask: torch.Tensor,
-            self_scale: float | None) -> torch.Tensor:
-        """Both attentions for queries q, gated sum per head, output projection -> [B, Nq, dim]."""
+            self_scale: float | None, probe: AttentionProbe | None = None) -> torch.Tensor:
+        """Both attentions for queries q, gated sum per head, output projection -> [B, Nq, dim].
+
+        The probe, if any, sees the image-to-caption attention (AccelAes records it)."""
         own = attention(q, *image_kv, scale=self_scale)
-        cross = attention(q, *text_kv, key_mask=text_mask)  # default 1/sqrt(head_dim)
+        cross = attention(q, *text_kv, key_mask=text_mask, probe=probe)  # default 1/sqrt(head_dim)
         gate = torch.tanh(self.gate).to(cross.dtype)[None, :, None, None]
         return self.wo(merge_heads(own + gate * cross))
 
     def forward(self, h_q: torch.Tensor, h_kv: torch.Tensor, y: torch.Tensor, text_mask: torch.Tensor,
                 rope_q: tuple[torch.Tensor, torch.Tensor], rope_kv: tuple[torch.Tensor, torch.Tensor],
-                self_scale: float | None) -> torch.Tensor:
+                self_scale: float | None, probe: AttentionProbe | None = None) -> torch.Tensor:
         q = self.queries(h_q, rope_q)
-        return self.mix(q, self.image_keys_values(h_kv, rope_kv), self.text_keys_values(y), text_mask, self_scale)
+        return self.mix(q, self.image_keys_values(h_kv, rope_kv), self.text_keys_values(y), text_mask,
+                        self_scale, probe)
 
 
 class FeedForward(nn.Module):
@@ -294,6 +297,9 @@ class Modulation(NamedTuple):
     gate_mlp: torch.Tensor
 
 
+BlockRunner = Callable[[int, nn.Module, torch.Tensor, "StepInputs"], torch.Tensor]
+
+
 @dataclass
 class StepInputs:
     """What every block of one forward shares."""
@@ -302,6 +308,7 @@ class StepInputs:
     text_mask: torch.Tensor                  # [B, L] bool, True for real tokens
     rope: tuple[torch.Tensor, torch.Tensor]  # cos, sin [N, head_dim/2] fp32 of every image token
     self_scale: float | None                 # softmax scale of the self-attention (None: 1/sqrt(head_dim))
+    probe: AttentionProbe | None = None      # shown every layer's image-to-caption attention
 
 
 class NextDiTBlock(nn.Module):
@@ -316,33 +323,38 @@ class NextDiTBlock(nn.Module):
         self.attention_y_norm = RMSNorm(p.caption_dim, p.norm_eps)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(p.adaln_dim, 4 * p.dim))
 
-    def modulation(self, c: torch.Tensor) -> Modulation:
-        return Modulation(*self.adaLN_modulation(c)[:, None, :].chunk(4, dim=-1))
+    def modulation(self, step: StepInputs) -> Modulation:
+        return Modulation(*self.adaLN_modulation(step.c)[:, None, :].chunk(4, dim=-1))
 
     def attention_input(self, x: torch.Tensor, scale_msa: torch.Tensor) -> torch.Tensor:
         """Per token: attention_norm1(x) * (1 + scale_msa). A subset of rows gives the subset's input."""
         return self.attention_norm1(x) * (1 + scale_msa)
 
-    def attention_increment(self, x: torch.Tensor, step: StepInputs, scale_msa: torch.Tensor,
-                            gate_msa: torch.Tensor) -> torch.Tensor:
-        """tanh(gate_msa) * attention_norm2(attention): what the attention adds to every token of x.
+    def attention_increment(self, x: torch.Tensor, step: StepInputs, m: Modulation,
+                            focus: torch.Tensor | None = None) -> torch.Tensor:
+        """tanh(gate_msa) * attention_norm2(attention): what the attention adds to tokens of x [B, N, dim].
 
-        Dense: queries, keys and values all come from x. A sparse caller passes the query rows
-        (and their RoPE rows) to `self.attention` apart from the keys/values of all tokens.
+        focus [B, F] (token indices per sample), if given, limits the queries, the output
+        projection and the result to those tokens ([B, F, dim]); keys and values still come from
+        all N tokens, so focus tokens read the whole image (AccelAes' sparse path, paper Eq. 9).
         """
-        h = self.attention_input(x, scale_msa)
+        h = self.attention_input(x, m.scale_msa)
         y = self.attention_y_norm(step.text)
-        o = self.attention(h, h, y, step.text_mask, step.rope, step.rope, step.self_scale)
-        return torch.tanh(gate_msa) * self.attention_norm2(o)
+        h_q, rope_q = h, step.rope
+        if focus is not None:
+            h_q = h.gather(1, focus[:, :, None].expand(-1, -1, h.shape[-1]))
+            rope_q = tuple(table[focus][:, None] for table in step.rope)  # [B, 1, F, head_dim/2]
+        o = self.attention(h_q, h, y, step.text_mask, rope_q, step.rope, step.self_scale, step.probe)
+        return torch.tanh(m.gate_msa) * self.attention_norm2(o)
 
-    def ffn_increment(self, x: torch.Tensor, scale_mlp: torch.Tensor, gate_mlp: torch.Tensor) -> torch.Tensor:
+    def ffn_increment(self, x: torch.Tensor, m: Modulation) -> torch.Tensor:
         """tanh(gate_mlp) * ffn_norm2(FFN(ffn_norm1(x) * (1 + scale_mlp))): token-wise, any subset of x."""
-        return torch.tanh(gate_mlp) * self.ffn_norm2(self.feed_forward(self.ffn_norm1(x) * (1 + scale_mlp)))
+        return torch.tanh(m.gate_mlp) * self.ffn_norm2(self.feed_forward(self.ffn_norm1(x) * (1 + m.scale_mlp)))
 
     def forward(self, x: torch.Tensor, step: StepInputs) -> torch.Tensor:
-        m = self.modulation(step.c)
-        x = x + self.attention_increment(x, step, m.scale_msa, m.gate_msa)
-        return x + self.ffn_increment(x, m.scale_mlp, m.gate_mlp)
+        m = self.modulation(step)
+        x = x + self.attention_increment(x, step, m)
+        return x + self.ffn_increment(x, m)
 
 
 class FinalLayer(nn.Module):
@@ -396,24 +408,28 @@ class NextDiT(nn.Module):
 
     def step_inputs(self, t: torch.Tensor, cap_feats: torch.Tensor, cap_mask: torch.Tensor,
                     grid: tuple[int, int], *, rope_linear_factor: float = 1.0, rope_ntk_factor: float = 1.0,
-                    proportional_attn: bool = True) -> StepInputs:
+                    proportional_attn: bool = True, probe: AttentionProbe | None = None) -> StepInputs:
         """Everything the blocks share in one forward over a latent grid of `grid` tokens (rows, cols)."""
         p = self.params
         rope = rope_tables(*grid, p.head_dim, p.rope_theta, rope_linear_factor, rope_ntk_factor, device=cap_feats.device)
         # The scale depends on the number of keys of the self-attention: all N image tokens.
         tokens = grid[0] * grid[1]
         scale = proportional_attention_scale(tokens, p.base_tokens, p.head_dim) if proportional_attn else None
-        return StepInputs(self.conditioning(t, cap_feats, cap_mask), cap_feats, cap_mask.bool(), rope, scale)
+        return StepInputs(self.conditioning(t, cap_feats, cap_mask), cap_feats, cap_mask.bool(), rope, scale, probe)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | float, cap_feats: torch.Tensor, cap_mask: torch.Tensor, *,
-                rope_linear_factor: float = 1.0, rope_ntk_factor: float = 1.0,
-                proportional_attn: bool = True) -> torch.Tensor:
+                rope_linear_factor: float = 1.0, rope_ntk_factor: float = 1.0, proportional_attn: bool = True,
+                probe: AttentionProbe | None = None, block_runner: BlockRunner | None = None) -> torch.Tensor:
         """Predict [B, out_channels, H, W] for latents x [B, in_channels, H, W].
 
         t: [B] (or a float) in [0, 1], 0 = noise, 1 = data. cap_feats: [B, L, caption_dim] Gemma
         features; cap_mask: [B, L], nonzero for real tokens. The RoPE factors come from
         `time_aware_rope_factors`. Channels 0..in_channels-1 of the output are the velocity
         data - noise; the rest (learn_sigma) are unused.
+
+        probe: shown every layer's image-to-caption attention. block_runner(index, block, tokens,
+        step) -> tokens, if given, runs each block instead of block(tokens, step): AccelAes'
+        sparse path, built from the block's modulation / attention_increment / ffn_increment.
         """
         p = self.params
         batch, _, height, width = x.shape
@@ -423,10 +439,10 @@ class NextDiT(nn.Module):
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(batch)
         step = self.step_inputs(t, cap_feats.to(dtype), cap_mask, (height // p.patch_size, width // p.patch_size),
                                 rope_linear_factor=rope_linear_factor, rope_ntk_factor=rope_ntk_factor,
-                                proportional_attn=proportional_attn)
+                                proportional_attn=proportional_attn, probe=probe)
         tokens = self.x_embedder(self.patchify(x.to(dtype)))
-        for layer in self.layers:
-            tokens = layer(tokens, step)
+        for index, layer in enumerate(self.layers):
+            tokens = block_runner(index, layer, tokens, step) if block_runner else layer(tokens, step)
         return self.unpatchify(self.final_layer(tokens, step.c), height, width)
 
 

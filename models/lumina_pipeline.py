@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -156,9 +157,15 @@ class LuminaNextPipeline:
         return torch.randn(shape, generator=generator, dtype=dtype).to(self.device)
 
     def velocity(self, latents: torch.Tensor, timestep: torch.Tensor, text: TextConditioning,
-                 settings: LuminaSettings, image_size: tuple[int, int]) -> torch.Tensor:
-        """One guided model evaluation: d latents / d sigma at timestep = sigma * 1000, CFG applied."""
+                 settings: LuminaSettings, image_size: tuple[int, int], *,
+                 guidance: float | torch.Tensor | None = None, probe=None, block_runner=None) -> torch.Tensor:
+        """One guided model evaluation: d latents / d sigma at timestep = sigma * 1000, CFG applied.
+
+        guidance: the CFG scale, settings.guidance by default; a tensor [B, 1, H, W] guides each
+        latent position with its own scale (AccelAes' spatial CFG). probe and block_runner go to
+        the transformer (AccelAes' attention recording and sparse blocks)."""
         guided = settings.guidance > 1
+        scale = settings.guidance if guidance is None else guidance
         model_input = torch.cat([latents, latents]) if guided else latents
         # Lumina counts time from noise (0) to data (1): t = 1 - sigma, computed as diffusers does.
         t = 1 - timestep.to(torch.float32) / self.schedule.num_train_timesteps
@@ -167,11 +174,13 @@ class LuminaNextPipeline:
         with torch.no_grad():
             prediction = self.transformer(
                 model_input, t.expand(model_input.shape[0]).to(self.device), text.features, text.mask,
-                rope_linear_factor=linear, rope_ntk_factor=ntk,
-                proportional_attn=settings.proportional_attn)[:, :LATENT_CHANNELS]
+                rope_linear_factor=linear, rope_ntk_factor=ntk, proportional_attn=settings.proportional_attn,
+                probe=probe, block_runner=block_runner)[:, :LATENT_CHANNELS]
         if guided:
             cond, uncond = prediction.chunk(2)
-            guided_part = uncond[:, :GUIDED_CHANNELS] + settings.guidance * (
+            if torch.is_tensor(scale):
+                scale = scale.to(cond.device, cond.dtype)
+            guided_part = uncond[:, :GUIDED_CHANNELS] + scale * (
                 cond[:, :GUIDED_CHANNELS] - uncond[:, :GUIDED_CHANNELS])
             prediction = torch.cat([guided_part, cond[:, GUIDED_CHANNELS:]], dim=1)
         return -prediction  # the model predicts data - noise = -d x / d sigma
@@ -183,13 +192,18 @@ class LuminaNextPipeline:
         return schedule.sigmas(settings.steps)
 
     def denoise(self, noise: torch.Tensor, text: TextConditioning, settings: LuminaSettings,
-                image_size: tuple[int, int], progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
-        """Integrate from sigma = 1 to 0. Latents keep the model's dtype between steps, as diffusers does."""
+                image_size: tuple[int, int], progress: Callable[[int, int], None] | None = None,
+                accelerator=None) -> torch.Tensor:
+        """Integrate from sigma = 1 to 0. Latents keep the model's dtype between steps, as diffusers does.
+
+        accelerator (AccelAes), if given, decides how each step's velocity is had: through
+        accelerator.velocity(step, sigmas, evaluate), evaluate running one guided evaluation."""
         sigmas = self.sigmas(settings)
         timesteps = sigmas * self.schedule.num_train_timesteps
         latents = noise
         for i in range(settings.steps):
-            velocity = self.velocity(latents, timesteps[i], text, settings, image_size)
+            evaluate = partial(self.velocity, latents, timesteps[i], text, settings, image_size)
+            velocity = accelerator.velocity(i, sigmas, evaluate) if accelerator else evaluate()
             if settings.solver == "midpoint":
                 sigma_mid = (sigmas[i] + sigmas[i + 1]) / 2
                 midpoint = (latents.float() + (sigma_mid - sigmas[i]) * velocity).to(latents.dtype)
@@ -206,20 +220,48 @@ class LuminaNextPipeline:
             images = self.vae.decode(latents.to(torch.float32) / self.vae_scale)
         return (images / 2 + 0.5).clamp(0, 1)
 
-    def generate(self, prompts: list[str], negative_prompts: list[str] | None = None, *, seed: int = 0,
-                 height: int = 1024, width: int = 1024, settings: LuminaSettings | None = None,
-                 progress: Callable[[int, int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(final latents, images in [0, 1]) for a batch of prompts."""
-        settings = settings or LuminaSettings()
+    def prepare(self, prompts: list[str], negative_prompts: list[str] | None, *, seed: int, height: int,
+                width: int, settings: LuminaSettings, accelerator=None) -> tuple[TextConditioning, torch.Tensor]:
+        """Text features and initial noise of a generation; tells the accelerator, if any, what
+        the prompts' tokens are and how large the image is."""
         check_size(height, width)
+        if accelerator is not None and settings.solver != "euler":
+            raise ValueError(f"AccelAes extrapolates Euler steps; --solver {settings.solver} runs only densely "
+                             "(add --dense)")
         if settings.guidance > 1 and negative_prompts is None:
             negative_prompts = [""] * len(prompts)
         if settings.guidance <= 1:
             negative_prompts = None
         text = self.encode_prompts(prompts, negative_prompts, settings.max_text_tokens)
         noise = self.initial_noise(len(prompts), height, width, seed, text.features.dtype)
-        latents = self.denoise(noise, text, settings, (height, width), progress)
+        if accelerator is not None:
+            patch = self.transformer.params.patch_size
+            accelerator.start(segments=[(self.prompt_pieces(text, len(prompts)), "sentencepiece")],
+                              grid=(noise.shape[2] // patch, noise.shape[3] // patch),
+                              latent_size=tuple(noise.shape[2:]), steps=settings.steps,
+                              guided=settings.guidance > 1)
+        return text, noise
+
+    def generate(self, prompts: list[str], negative_prompts: list[str] | None = None, *, seed: int = 0,
+                 height: int = 1024, width: int = 1024, settings: LuminaSettings | None = None,
+                 progress: Callable[[int, int], None] | None = None,
+                 accelerator=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(final latents, images in [0, 1]) for a batch of prompts; accelerator: see `denoise`."""
+        settings = settings or LuminaSettings()
+        text, noise = self.prepare(prompts, negative_prompts, seed=seed, height=height, width=width,
+                                   settings=settings, accelerator=accelerator)
+        latents = self.denoise(noise, text, settings, (height, width), progress, accelerator)
         return latents, self.decode(latents)
+
+    def prompt_pieces(self, text: TextConditioning, prompts: int) -> list[list[str | None]]:
+        """The token text at each caption position of the prompts (not the negative prompts),
+        None for BOS and padding: what AesMask groups into words."""
+        pieces = []
+        for ids, mask in zip(text.input_ids[:prompts].tolist(), text.mask[:prompts].tolist()):
+            names = self.tokenizer.id_to_piece(ids)
+            pieces.append([name if keep and token != self.tokenizer.bos_id else None
+                           for name, token, keep in zip(names, ids, mask)])
+        return pieces
 
 
 def check_size(height: int, width: int) -> None:
@@ -234,6 +276,10 @@ class ByteTokenizer:
     """The random demo's tokenizer: UTF-8 bytes as ids after BOS, Gemma's padding rules."""
     pad_id, bos_id, offset = 0, 2, 4
     vocab_size = 256 + offset
+
+    def id_to_piece(self, ids: list[int]) -> list[str]:
+        """A space byte reads as SentencePiece's word marker, so words group as Gemma's do."""
+        return [chr(i - self.offset).replace(" ", "▁") if i >= self.offset else "<special>" for i in ids]
 
     def __call__(self, texts: list[str], max_length: int = 256, pad_to_multiple_of: int | None = 8,
                  length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -302,11 +302,7 @@ def test_block_pieces_take_a_subset_of_queries(models):
     focus = torch.tensor([0, 5, 17, 40, 95])
     with torch.no_grad():
         dense = block(tokens, step)
-        m = block.modulation(step.c)
-        h = block.attention_input(tokens, m.scale_msa)
-        rope_focus = tuple(table[focus] for table in step.rope)
-        o = block.attention(h[:, focus], h, block.attention_y_norm(step.text), step.text_mask,
-                            rope_focus, step.rope, step.self_scale)
-        sub = tokens[:, focus] + torch.tanh(m.gate_msa) * block.attention_norm2(o)
-        sub = sub + block.ffn_increment(sub, m.scale_mlp, m.gate_mlp)
+        m = block.modulation(step)
+        sub = tokens[:, focus] + block.attention_increment(tokens, step, m, focus=focus.expand(2, -1))
+        sub = sub + block.ffn_increment(sub, m)
     assert rel_err(sub, dense[:, focus]) < TOL

@@ -113,7 +113,7 @@ def test_sample_py_writes_the_same_png_as_diffusers(saved, tmp_path, capsys):
     _, expected = run_diffusers(reference, steps=5, guidance=4.0, watershed=1.0, seed=7)
     output = tmp_path / "lumina.png"
     assert sample.main(["--weights", str(folder), "--prompt", PROMPT, "--seed", "7", "--steps", "5",
-                        "--height", str(HEIGHT), "--width", str(WIDTH), "--output", str(output)]) == 0
+                        "--height", str(HEIGHT), "--width", str(WIDTH), "--output", str(output), "--dense"]) == 0
     assert "5/5" in capsys.readouterr().err  # the progress bar reached the end
     ours = Image.open(output)
     difference = np.abs(np.asarray(ours, dtype=int) - np.asarray(expected, dtype=int))
