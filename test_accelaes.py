@@ -327,3 +327,23 @@ def test_anchor_file(tmp_path):
         load_anchors(tmp_path / "missing.txt")
     (tmp_path / "anchors.txt").write_text("# mine\nglowing\n\nserene  # calm\n")
     assert load_anchors(tmp_path / "anchors.txt") == ("glowing", "serene")
+
+
+def test_clip_phrase_embedding_is_the_mean_over_the_phrase_tokens(tmp_path):
+    """method.md 1a: final-LN states averaged over the phrase's own tokens, L2-normalised."""
+    from accelaes import clip_phrase_embedder
+    from models.clip import CLIPParams, CLIPTextModel
+
+    write_vocab_and_merges(tmp_path)
+    tokenizer = CLIPTokenizer.from_folder(tmp_path)
+    clip = randomize_(CLIPTextModel(CLIPParams(vocab_size=49408, width=64, layers=2, heads=2, mlp_width=128,
+                                               max_positions=77, activation="quick_gelu", projection_dim=None,
+                                               eos_token_id=49407)), seed=4).eval()
+    embed = clip_phrase_embedder(clip, tokenizer)
+    vectors = embed(["highly detailed", "a cat"])
+    assert vectors.shape == (2, 64) and torch.allclose(vectors.norm(dim=1), torch.ones(2))
+    ids = tokenizer(["highly detailed"])
+    phrase_tokens = len(tokenizer.tokens("highly detailed")) - 2
+    with torch.no_grad():
+        states = clip(ids).last_hidden_state[0, 1:1 + phrase_tokens]
+    assert rel_err(vectors[0], torch.nn.functional.normalize(states.mean(0), dim=0)) < 1e-6

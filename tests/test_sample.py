@@ -71,3 +71,41 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch,
 def test_every_flag_has_help():
     for action in sample.build_parser()._actions:
         assert action.help, f"{action.option_strings} has no help text"
+
+
+def test_every_accelaes_setting_is_a_flag():
+    from accelaes import AccelAesConfig
+    dests = {action.dest for action in sample.build_parser()._actions}
+    assert set(AccelAesConfig.__dataclass_fields__) <= dests
+    args = sample.build_parser().parse_args(["--skip-ratio", "0.3", "--no-step-cache", "--mask-step", "3"])
+    config = sample.accelaes_config(args)
+    assert (config.skip_ratio, config.step_cache, config.mask_step, config.sparse) == (0.3, False, 3, True)
+
+
+def test_compare_and_save_mask(tmp_path, capsys):
+    output = tmp_path / "out.png"
+    assert sample.main(["--output", str(output), "--height", "64", "--width", "96", "--steps", "10",
+                        "--compare", "--save-mask", "--mask-step", "3", "--warmup", "3"]) == 0
+    printed = capsys.readouterr()
+    assert "6/4/0" not in printed.out and "30/0/0" not in printed.out
+    assert "10/0/0" in printed.out and "4/3/3" in printed.out and "PSNR vs dense" in printed.out
+    assert "uniform token weights (no CLIP text encoder given)" in printed.err
+    dense, mask = Image.open(tmp_path / "out-dense.png"), Image.open(tmp_path / "out-mask.png")
+    assert dense.size == (96, 64) and mask.size == (3 * 96, 64)
+    assert json.loads(Image.open(output).info["parameters"])["accelaes"]["sparse"] == 3
+    assert json.loads(dense.info["parameters"])["accelaes"] is None
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--skip-ratio", "1.5"], "skip_ratio 1.5 must lie strictly between 0 and 1"),
+    (["--mask-step", "29"], "mask_step 29 must be at least 0 and before the last step"),
+    (["--warmup", "1"], "warmup 1 must be at least 2"),
+    (["--anchors", "/no/such/anchors.txt"], "anchor file /no/such/anchors.txt does not exist"),
+    (["--solver", "midpoint"], "AccelAes extrapolates Euler steps; add --dense"),
+    (["--dense", "--compare"], "--dense runs no AccelAes"),
+])
+def test_bad_accelaes_settings_are_one_line(tmp_path, capsys, monkeypatch, flags, message):
+    monkeypatch.chdir(tmp_path)
+    assert sample.main(flags) == 2
+    error = capsys.readouterr().err
+    assert message in error and error.count("\n") == 1 and list(tmp_path.iterdir()) == []
