@@ -268,12 +268,12 @@ class CrossAttentionRecorder:
         weights = self.weights.to(q.device)
         if key_mask is not None:
             weights = weights * key_mask[:rows].to(weights.dtype)
-        heads, group = q.shape[1], q.shape[1] // k.shape[1]
+        heads = q.shape[1]
+        k = k.repeat_interleave(heads // k.shape[1], dim=1)   # grouped-query: each key head serves a group
         layer_map = torch.zeros(q.shape[0], q.shape[2], device=q.device)
         for start in range(0, heads, self.head_chunk):
-            q_part = q[:, start:start + self.head_chunk]
-            k_part = k.repeat_interleave(group, dim=1)[:, start:start + self.head_chunk]
-            logits = q_part @ k_part.transpose(-1, -2) * scale                  # [B, h, N, L]
+            logits = q[:, start:start + self.head_chunk] @ k[:, start:start + self.head_chunk].transpose(-1, -2)
+            logits = logits * scale                                              # [B, h, N, L]
             if bias is not None:
                 logits = logits + bias[:, start:start + self.head_chunk].float()
             if key_mask is not None:
@@ -359,9 +359,9 @@ class SkipSparse:
         self.dense = True
 
     def set_focus(self, focus: torch.Tensor, background: torch.Tensor) -> None:
+        """Called once, after the dense evaluation that kept every token's increments."""
         self.focus, self.background = focus, background
-        self.increments = {i: _rows(inc, background) if inc.shape[1] != background.shape[1] else inc
-                           for i, inc in self.increments.items()}
+        self.increments = {i: _rows(inc, background) for i, inc in self.increments.items()}
 
     def __call__(self, index: int, block, x: torch.Tensor, step) -> torch.Tensor:
         m = block.modulation(step)
@@ -494,16 +494,16 @@ class AccelAes:
         self.skip_sparse.set_focus(self.mask.focus.repeat(copies, 1).to(prediction.device),
                                    self.mask.background.repeat(copies, 1).to(prediction.device))
         self.skip_sparse.dense = False
+        self.guidance_map = (spatial_guidance(self.mask.soft, self.grid, self.latent_size, self.config.guidance_fg,
+                                              self.config.guidance_bg) if self.config.spatial_cfg and self.guided
+                             else None)
         self.stats.mask_seconds += time.perf_counter() - started
         return prediction
 
     def _after_mask(self, evaluate) -> torch.Tensor:
         config = self.config
         self.evaluations_after_mask += 1
-        kwargs = {}
-        if config.spatial_cfg and self.guided:
-            kwargs["guidance"] = spatial_guidance(self.mask.soft, self.grid, self.latent_size,
-                                                  config.guidance_fg, config.guidance_bg)
+        kwargs = {} if self.guidance_map is None else {"guidance": self.guidance_map}
         if not config.sparse:
             self.stats.dense += 1
             return evaluate(**kwargs)

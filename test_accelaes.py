@@ -347,3 +347,17 @@ def test_clip_phrase_embedding_is_the_mean_over_the_phrase_tokens(tmp_path):
     with torch.no_grad():
         states = clip(ids).last_hidden_state[0, 1:1 + phrase_tokens]
     assert rel_err(vectors[0], torch.nn.functional.normalize(states.mean(0), dim=0)) < 1e-6
+
+
+def test_probe_span_shows_image_queries_against_text_keys():
+    """A joint attention over [text, image] records softmax over the text keys alone (method.md 1b)."""
+    from models.attention import attention
+    generator = torch.Generator().manual_seed(2)
+    text, image = 5, 12
+    q, k, v = (torch.randn(1, 4, text + image, 8, generator=generator) for _ in range(3))
+    joint = CrossAttentionRecorder(torch.ones(1, text))
+    out = attention(q, k, v, probe=joint, probe_span=(slice(text, None), slice(0, text)))
+    apart = CrossAttentionRecorder(torch.ones(1, text))
+    apart.record(q[:, :, text:], k[:, :, :text], None, 8 ** -0.5)
+    assert torch.equal(joint.affinity(), apart.affinity()) and joint.affinity().shape == (1, image)
+    assert rel_err(out, attention(q, k, v)) == 0

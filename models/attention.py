@@ -39,7 +39,7 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_mask: torch.Tensor | None = None,
               causal: bool = False, scale: float | None = None, bias: torch.Tensor | None = None,
-              probe: AttentionProbe | None = None) -> torch.Tensor:
+              probe: AttentionProbe | None = None, probe_span: tuple[slice, slice] | None = None) -> torch.Tensor:
     """softmax(q k^T * scale + bias + masks) v, per head.
 
     q: [B, Hq, Nq, D]; k, v: [B, Hkv, Nk, D] with Hq a multiple of Hkv (grouped-query
@@ -52,9 +52,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_mask: to
         instead of -inf, as transformers' T5 does: a query whose keys are all masked then gets
         an average of the values instead of NaN.
     probe: if given, shown (q, k, key_mask, scale, bias) before the attention runs.
+    probe_span: (query rows, key columns) the probe is shown, when it should see part of the call:
+        a joint attention over [text, image] tokens shows the image queries against the text
+        keys, so the probe's softmax runs over the text keys alone.
     """
     if probe is not None:
-        probe.record(q, k, key_mask, scale if scale is not None else q.shape[-1] ** -0.5, bias)
+        shown = (q, k, key_mask, bias)
+        if probe_span is not None:
+            rows, columns = probe_span
+            shown = (q[:, :, rows], k[:, :, columns], None if key_mask is None else key_mask[:, columns],
+                     None if bias is None else bias[..., rows, columns])
+        probe.record(*shown[:3], scale if scale is not None else q.shape[-1] ** -0.5, shown[3])
     if bias is not None:
         if causal:
             raise NotImplementedError("attention with both a bias and causal=True: no model here needs it; "

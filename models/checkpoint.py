@@ -197,6 +197,22 @@ class Checkpoint:
         return self._file_of[key].read(key)
 
 
+def find_file(path: str | os.PathLike, names: tuple[str, ...], what: str, fix: str) -> Path:
+    """`path` itself if it is a file, else the first of `names` inside the folder `path`.
+
+    For files that come in several forms (a tokenizer's .model or .json): the error names what
+    was looked for and `fix`, the download that provides it."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.exists():
+        raise CheckpointError(f"{what} {path} does not exist: {fix}")
+    for name in names:
+        if (path / name).is_file():
+            return path / name
+    raise CheckpointError(f"{path} holds no {' or '.join(names)}: {fix}")
+
+
 def load_into(model: nn.Module, checkpoint: Checkpoint, layout, dtype: torch.dtype | None = None,
               device: torch.device | str = "cpu") -> nn.Module:
     """Fill `model` (usually built on the meta device) from `checkpoint` through `layout`.

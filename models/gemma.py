@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import attention, merge_heads, split_heads
-from .checkpoint import Checkpoint, CheckpointError, load_model
+from .checkpoint import Checkpoint, CheckpointError, find_file, load_model
 from .layouts import gemma_layout
 from .sentencepiece_model import BPE, CONTROL, UNKNOWN, USER_DEFINED, read_sentencepiece_model
 
@@ -262,16 +262,8 @@ class GemmaTokenizer:
     """
 
     def __init__(self, path: str | os.PathLike):
-        path = Path(path)
-        if path.is_dir():
-            found = [path / name for name in ("tokenizer.model", "tokenizer.json") if (path / name).is_file()]
-            if not found:
-                raise CheckpointError(f"{path} holds no tokenizer.model or tokenizer.json: download Gemma's "
-                                      "tokenizer (google/gemma-2b, or the tokenizer/ folder of Lumina-Next)")
-            path = found[0]
-        elif not path.is_file():
-            raise CheckpointError(f"Gemma tokenizer {path} does not exist: give the tokenizer.model file "
-                                  "(or tokenizer.json, or the folder holding it)")
+        path = find_file(path, ("tokenizer.model", "tokenizer.json"), "Gemma tokenizer",
+                         "download Gemma's tokenizer (google/gemma-2b, or the tokenizer/ folder of Lumina-Next)")
         self.path = path
         if path.suffix == ".json":
             self._load_json(path)

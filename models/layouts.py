@@ -96,6 +96,42 @@ class AsConv1x1:
         return tensor[:, :, None, None] if tensor.dim() == 2 else tensor
 
 
+@dataclass(frozen=True)
+class Concat:
+    """Tensors stored apart that the model keeps fused along dim 0 (diffusers' to_q, to_k, to_v
+    -> one qkv; FLUX single blocks' q, k, v and proj_mlp -> linear1)."""
+    parts: tuple[str, ...]
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return self.parts
+
+    def shape(self, shape_of: ShapeOf) -> tuple[int, ...]:
+        shapes = [tuple(shape_of(key)) for key in self.parts]
+        return (sum(s[0] for s in shapes), *shapes[0][1:])
+
+    def read(self, read: Read) -> torch.Tensor:
+        return torch.cat([read(key) for key in self.parts], dim=0)
+
+
+@dataclass(frozen=True)
+class SwappedHalves:
+    """diffusers' AdaLayerNormContinuous splits its modulation as (scale, shift) where the
+    original code splits (shift, scale): the two halves of dim 0 trade places."""
+    key: str
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return (self.key,)
+
+    def shape(self, shape_of: ShapeOf) -> tuple[int, ...]:
+        return tuple(shape_of(self.key))
+
+    def read(self, read: Read) -> torch.Tensor:
+        first, second = read(self.key).chunk(2, dim=0)
+        return torch.cat([second, first], dim=0)
+
+
 @dataclass
 class Layout:
     """How one model sits in one checkpoint."""

@@ -42,7 +42,7 @@ from tokenizers.models import Unigram
 from torch import nn
 
 from .attention import attention, merge_heads, split_heads
-from .checkpoint import Checkpoint, CheckpointError, load_model
+from .checkpoint import Checkpoint, CheckpointError, find_file, load_model
 from .layouts import t5_layout
 from .sentencepiece_model import CONTROL, UNIGRAM, USER_DEFINED, read_sentencepiece_model
 
@@ -339,19 +339,11 @@ class T5Tokenizer:
     """
 
     def __init__(self, path: str | os.PathLike):
-        path = Path(path)
-        extra_ids = 100
-        if path.is_dir():
-            extra_ids = _extra_ids(path)
-            # transformers reads tokenizer.json when a folder has both.
-            found = [path / name for name in ("tokenizer.json", "spiece.model") if (path / name).is_file()]
-            if not found:
-                raise CheckpointError(f"{path} holds no spiece.model or tokenizer.json: download the T5 tokenizer "
-                                      "(tokenizer_2/ of FLUX.1, tokenizer_3/ of SD3, or google/t5-v1_1-xxl)")
-            path = found[0]
-        elif not path.is_file():
-            raise CheckpointError(f"T5 tokenizer {path} does not exist: give spiece.model, tokenizer.json or "
-                                  "the folder holding them")
+        # transformers reads tokenizer.json when a folder has both.
+        extra_ids = _extra_ids(Path(path)) if Path(path).is_dir() else 100
+        path = find_file(path, ("tokenizer.json", "spiece.model"), "T5 tokenizer",
+                         "download the T5 tokenizer (tokenizer_2/ of FLUX.1, tokenizer_3/ of SD3, or "
+                         "google/t5-v1_1-xxl)")
         self.path = path
         if path.suffix == ".json":
             vocab, added, charsmap = _read_tokenizer_json(path)

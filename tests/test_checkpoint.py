@@ -193,3 +193,16 @@ def test_peak_memory(tmp_path):
                             capture_output=True, text=True, check=True)
     growth = int(result.stdout.strip())
     assert size * 0.9 < growth < 1.3 * size, f"peak grew {growth / 1e6:.0f} MB for a {size / 1e6:.0f} MB file"
+
+
+def test_fused_and_swapped_sources(tmp_path):
+    from models.layouts import Concat, SwappedHalves
+    generator = torch.Generator().manual_seed(0)
+    q, k, v, mod = (torch.randn(rows, 3, generator=generator) for rows in (4, 2, 2, 6))
+    checkpoint = Checkpoint(save_state({"q": q, "k": k, "v": v, "mod": mod}, tmp_path / "parts.safetensors"))
+    fused = Concat(("q", "k", "v"))
+    assert fused.shape(checkpoint.shape) == (8, 3) and fused.keys == ("q", "k", "v")
+    assert torch.equal(fused.read(checkpoint.read), torch.cat([q, k, v]))
+    swapped = SwappedHalves("mod")
+    assert swapped.shape(checkpoint.shape) == (6, 3)
+    assert torch.equal(swapped.read(checkpoint.read), torch.cat([mod[3:], mod[:3]]))
