@@ -18,8 +18,10 @@ This file knows no model. A pipeline calls `AccelAes.start(...)` once it has tok
 prompt, then `AccelAes.velocity(step, sigmas, evaluate)` at every step, where
 `evaluate(guidance=, probe=, block_runner=)` runs one guided model evaluation. A model takes
 part through two arguments of its forward: a `probe` its attention primitive shows the
-image-to-text attention to, and a `block_runner` that runs each of its blocks from the block's
-`modulation(step)`, `attention_increment(x, step, m, focus)` and `ffn_increment(rows, m)`.
+image-to-text attention to, and a `block_runner(index, block, tokens, step)` that runs each of
+its blocks through the block's `increment(tokens, step, focus)`: the update the block adds to
+the tokens listed in `focus` [B, F] (all tokens when None), computed with every token's keys
+and values. Joint-attention models list their text tokens first in `focus`.
 """
 
 from __future__ import annotations
@@ -345,9 +347,10 @@ class SkipSparse:
 
     dense:  the block runs as usual and the increment it adds to each background token (gated
             attention output plus gated FFN output) is kept, for every block.
-    sparse: attention queries, output projection and FFN run for focus tokens only, against
-            keys/values of all tokens (Eq. 9-10); each background token gets the increment kept
-            at the most recent dense evaluation, so every block's output keeps the dense shape.
+    sparse: the block computes the increment of the focus tokens only (attention queries, output
+            projection and FFN for them, against keys/values of all tokens, Eq. 9-10); each
+            background token gets the increment kept at the most recent dense evaluation, so
+            every block's output keeps the dense shape.
     Before the focus set is known (the mask step), the dense mode keeps the increments of all
     tokens; `set_focus` then keeps the background's.
     """
@@ -364,15 +367,11 @@ class SkipSparse:
         self.increments = {i: _rows(inc, background) for i, inc in self.increments.items()}
 
     def __call__(self, index: int, block, x: torch.Tensor, step) -> torch.Tensor:
-        m = block.modulation(step)
         if self.dense:
-            attended = x + block.attention_increment(x, step, m)
-            out = attended + block.ffn_increment(attended, m)
-            increment = out - x
+            increment = block.increment(x, step)
             self.increments[index] = increment if self.background is None else _rows(increment, self.background)
-            return out
-        rows = _rows(x, self.focus) + block.attention_increment(x, step, m, focus=self.focus)
-        rows = rows + block.ffn_increment(rows, m)
+            return x + increment
+        rows = _rows(x, self.focus) + block.increment(x, step, focus=self.focus)
         out = torch.empty_like(x)
         out.scatter_(1, self.focus[:, :, None].expand_as(rows), rows)
         background = _rows(x, self.background) + self.increments[index]

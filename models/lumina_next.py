@@ -351,10 +351,18 @@ class NextDiTBlock(nn.Module):
         """tanh(gate_mlp) * ffn_norm2(FFN(ffn_norm1(x) * (1 + scale_mlp))): token-wise, any subset of x."""
         return torch.tanh(m.gate_mlp) * self.ffn_norm2(self.feed_forward(self.ffn_norm1(x) * (1 + m.scale_mlp)))
 
-    def forward(self, x: torch.Tensor, step: StepInputs) -> torch.Tensor:
+    def increment(self, x: torch.Tensor, step: StepInputs, focus: torch.Tensor | None = None) -> torch.Tensor:
+        """What the block adds to the tokens of x [B, N, dim]: attention, then the FFN on the
+        attended tokens. With focus [B, F], only those tokens' update is computed ([B, F, dim]):
+        their queries still see every token's keys/values (paper Eq. 9), and the FFN runs on
+        them alone (Eq. 10)."""
         m = self.modulation(step)
-        x = x + self.attention_increment(x, step, m)
-        return x + self.ffn_increment(x, m)
+        rows = x if focus is None else x.gather(1, focus[:, :, None].expand(-1, -1, x.shape[-1]))
+        attended = self.attention_increment(x, step, m, focus)
+        return attended + self.ffn_increment(rows + attended, m)
+
+    def forward(self, x: torch.Tensor, step: StepInputs) -> torch.Tensor:
+        return x + self.increment(x, step)
 
 
 class FinalLayer(nn.Module):
@@ -429,7 +437,7 @@ class NextDiT(nn.Module):
 
         probe: shown every layer's image-to-caption attention. block_runner(index, block, tokens,
         step) -> tokens, if given, runs each block instead of block(tokens, step): AccelAes'
-        sparse path, built from the block's modulation / attention_increment / ffn_increment.
+        sparse path, built on the block's `increment(tokens, step, focus)`.
         """
         p = self.params
         batch, _, height, width = x.shape

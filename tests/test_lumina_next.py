@@ -302,7 +302,5 @@ def test_block_pieces_take_a_subset_of_queries(models):
     focus = torch.tensor([0, 5, 17, 40, 95])
     with torch.no_grad():
         dense = block(tokens, step)
-        m = block.modulation(step)
-        sub = tokens[:, focus] + block.attention_increment(tokens, step, m, focus=focus.expand(2, -1))
-        sub = sub + block.ffn_increment(sub, m)
+        sub = tokens[:, focus] + block.increment(tokens, step, focus=focus.expand(2, -1))
     assert rel_err(sub, dense[:, focus]) < TOL
