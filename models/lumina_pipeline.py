@@ -30,7 +30,7 @@ import torch
 from .checkpoint import CheckpointError
 from .gemma import GemmaEncoder, GemmaParams, GemmaTokenizer, load_gemma
 from .lumina_next import NextDiT, NextDiTParams, load_nextdit, time_aware_rope_factors
-from .sampling import FlowMatchSchedule
+from .sampling import FlowMatchSchedule, sample_flow
 from .vae import AutoencoderKL, load_vae, tiny_random_vae
 
 SDXL_VAE_SCALE = 0.13025   # latents are divided by it before decoding
@@ -194,25 +194,11 @@ class LuminaNextPipeline:
     def denoise(self, noise: torch.Tensor, text: TextConditioning, settings: LuminaSettings,
                 image_size: tuple[int, int], progress: Callable[[int, int], None] | None = None,
                 accelerator=None) -> torch.Tensor:
-        """Integrate from sigma = 1 to 0. Latents keep the model's dtype between steps, as diffusers does.
-
-        accelerator (AccelAes), if given, decides how each step's velocity is had: through
-        accelerator.velocity(step, sigmas, evaluate), evaluate running one guided evaluation."""
-        sigmas = self.sigmas(settings)
-        timesteps = sigmas * self.schedule.num_train_timesteps
-        latents = noise
-        for i in range(settings.steps):
-            evaluate = partial(self.velocity, latents, timesteps[i], text, settings, image_size)
-            velocity = accelerator.velocity(i, sigmas, evaluate) if accelerator else evaluate()
-            if settings.solver == "midpoint":
-                sigma_mid = (sigmas[i] + sigmas[i + 1]) / 2
-                midpoint = (latents.float() + (sigma_mid - sigmas[i]) * velocity).to(latents.dtype)
-                velocity = self.velocity(midpoint, sigma_mid * self.schedule.num_train_timesteps, text,
-                                         settings, image_size)
-            latents = (latents.float() + (sigmas[i + 1] - sigmas[i]) * velocity).to(velocity.dtype)
-            if progress is not None:
-                progress(i + 1, settings.steps)
-        return latents
+        """Integrate from sigma = 1 to 0 (models/sampling.py); accelerator: AccelAes, if any."""
+        velocity = partial(self.velocity, text=text, settings=settings, image_size=image_size)
+        return sample_flow(noise, self.sigmas(settings), velocity, solver=settings.solver,
+                           num_train_timesteps=self.schedule.num_train_timesteps,
+                           accelerator=accelerator, progress=progress)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents to images in [0, 1], [B, 3, H, W], float32."""

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
+from typing import Callable
 
 import numpy as np
 import torch
@@ -78,3 +80,35 @@ class FlowMatchSchedule:
 def timesteps_of(sigmas: torch.Tensor, num_train_timesteps: int = 1000) -> torch.Tensor:
     """The scheduler's timesteps (sigma * 1000 in float32), which some models take as input."""
     return sigmas[:-1] * num_train_timesteps
+
+
+def sample_flow(noise: torch.Tensor, sigmas: torch.Tensor, velocity: Callable[..., torch.Tensor], *,
+                num_train_timesteps: int = 1000, solver: str = "euler", accelerator=None,
+                progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """Integrate d x / d sigma = velocity from sigmas[0] (noise) to sigmas[-1] = 0.
+
+    velocity(latents, timestep, **options) runs one (guided) model evaluation at timestep =
+    sigma * num_train_timesteps in float32, the value diffusers' schedulers hand to models.
+    Each Euler step is done as diffusers' FlowMatchEulerDiscreteScheduler does it: in float32,
+    the result cast back to the velocity's dtype. "midpoint" spends a second evaluation halfway
+    through each step (the official Lumina-T2X demo's solver).
+
+    accelerator (AccelAes), if given, decides how each step's velocity is had:
+    accelerator.velocity(step, sigmas, evaluate), with evaluate(**options) the model evaluation.
+    """
+    if solver not in ("euler", "midpoint"):
+        raise ValueError(f"unknown solver {solver!r}: use 'euler' or 'midpoint'")
+    timesteps = sigmas * num_train_timesteps
+    latents = noise
+    steps = len(sigmas) - 1
+    for i in range(steps):
+        evaluate = partial(velocity, latents, timesteps[i])
+        step_velocity = accelerator.velocity(i, sigmas, evaluate) if accelerator else evaluate()
+        if solver == "midpoint":
+            sigma_mid = (sigmas[i] + sigmas[i + 1]) / 2
+            midpoint = (latents.float() + (sigma_mid - sigmas[i]) * step_velocity).to(latents.dtype)
+            step_velocity = velocity(midpoint, sigma_mid * num_train_timesteps)
+        latents = (latents.float() + (sigmas[i + 1] - sigmas[i]) * step_velocity).to(step_velocity.dtype)
+        if progress is not None:
+            progress(i + 1, steps)
+    return latents
