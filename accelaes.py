@@ -437,18 +437,20 @@ class AccelAes:
         return cls(config, AestheticScorer(embed, config.anchors, config.threshold, config.top_k))
 
     def start(self, *, segments: list[tuple[list[list[str | None]], str]], grid: tuple[int, int],
-              latent_size: tuple[int, int], steps: int, guided: bool) -> None:
+              latent_size: tuple[int, int], steps: int, guided: bool, text_tokens: int = 0) -> None:
         """Called by the pipeline once the prompts are tokenised.
 
         segments: the text sequence the image attends to, as (pieces, style) parts in order
         (Lumina: Gemma's; SD3: CLIP's then T5's), pieces[b][j] the text of key j of prompt b or
         None for special and padding keys. grid: image tokens (rows, cols); latent_size: (H, W)
-        of the latents; guided: the batch holds [cond, uncond] (CFG).
+        of the latents; guided: the batch holds [cond, uncond] (CFG); text_tokens: how many text
+        tokens precede the image tokens in the blocks' sequence (joint attention: SD3, FLUX),
+        which sparse evaluations always compute.
         """
         config = self.config
         config.check(steps)
         self.stats, self.reports, self.mask = RunStats(), [], None
-        self.grid, self.latent_size, self.guided = grid, latent_size, guided
+        self.grid, self.latent_size, self.guided, self.text_tokens = grid, latent_size, guided, text_tokens
         prompts = len(segments[0][0])
         rows = []
         for b in range(prompts):
@@ -489,9 +491,12 @@ class AccelAes:
         self.mask = build_focus_mask(recorder.affinity(), self.grid, self.config.skip_ratio,
                                      self.config.smooth_sigma)
         # The model's batch is [cond, uncond] under CFG: both halves use the prompt's focus set.
+        # In a joint sequence the image tokens follow the text tokens, all of which stay in focus.
         copies = 2 if self.guided else 1
-        self.skip_sparse.set_focus(self.mask.focus.repeat(copies, 1).to(prediction.device),
-                                   self.mask.background.repeat(copies, 1).to(prediction.device))
+        focus, background = (m.repeat(copies, 1).to(prediction.device) + self.text_tokens
+                             for m in (self.mask.focus, self.mask.background))
+        text = torch.arange(self.text_tokens, device=prediction.device).expand(focus.shape[0], -1)
+        self.skip_sparse.set_focus(torch.cat([text, focus], dim=1), background)
         self.skip_sparse.dense = False
         self.guidance_map = (spatial_guidance(self.mask.soft, self.grid, self.latent_size, self.config.guidance_fg,
                                               self.config.guidance_bg) if self.config.spatial_cfg and self.guided

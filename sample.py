@@ -18,6 +18,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ from accelaes import AccelAes, AccelAesConfig, clip_phrase_embedder, load_anchor
 from models.checkpoint import CheckpointError
 from models.clip import CLIPTokenizer, load_clip
 from models.lumina_pipeline import LuminaNextPipeline, LuminaSettings, check_size
+from models.sd3_pipeline import SD3Pipeline, SD3Settings
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -56,12 +58,27 @@ class UsageError(ValueError):
     """A mistake in the command line: the message names it and the fix."""
 
 
+@dataclass(frozen=True)
+class Model:
+    """What sample.py needs to know of a backbone."""
+    pipeline: type                 # from_folder(folder, dtype, device) -> pipeline
+    settings: type                 # the pipeline's settings dataclass (steps, guidance, shift, ...)
+    accelaes: AccelAesConfig       # the method's defaults on this backbone
+
+
+MODELS = {
+    "lumina-next": Model(LuminaNextPipeline, LuminaSettings, AccelAesConfig()),
+    # The paper keeps SD3 on StepCache: its spatial path and spatial CFG are options (method.md 2).
+    "sd3": Model(SD3Pipeline, SD3Settings, AccelAesConfig(sparse=False, spatial_cfg=False)),
+}
+LUMINA_ONLY = ("solver", "scaling_watershed", "no_proportional_attn")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    defaults = LuminaSettings()
     parser = argparse.ArgumentParser(
         description="Generate an image from a prompt. Without --weights, a small built-in model with "
                     "random weights runs instead (see weights.md for the real ones).")
-    parser.add_argument("--model", choices=["lumina-next"], default="lumina-next",
+    parser.add_argument("--model", choices=sorted(MODELS), default="lumina-next",
                         help="which diffusion transformer to run (default: %(default)s)")
     parser.add_argument("--prompt", default="a photo of a cat", help="what to draw (default: %(default)r)")
     parser.add_argument("--negative-prompt", default="",
@@ -74,32 +91,34 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true", help="replace --output if it already exists")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the initial noise; the same seed gives the same image (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=defaults.steps,
-                        help="sampling steps (default: %(default)s)")
-    parser.add_argument("--guidance", type=float, default=defaults.guidance,
-                        help="classifier-free guidance scale; 1 turns it off (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="sampling steps (default: the model's: 30 Lumina-Next, 28 SD3)")
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="classifier-free guidance scale; 1 turns it off (default: the model's: 4.0 "
+                             "Lumina-Next, 7.0 SD3)")
     parser.add_argument("--height", type=int, default=None,
                         help="image height in pixels, a multiple of 16 (default: 1024 with --weights, "
                              "256 for the random model)")
     parser.add_argument("--width", type=int, default=None,
                         help="image width in pixels, a multiple of 16 (default: as --height)")
-    parser.add_argument("--solver", choices=["euler", "midpoint"], default=defaults.solver,
-                        help="ODE solver; midpoint (the official demo's) costs two model calls a step "
-                             "(default: %(default)s)")
     parser.add_argument("--shift", type=float, default=None,
-                        help="time shift of the noise schedule (default: the scheduler config's, 1.0 "
-                             "without one; the official Lumina-T2X demo uses 4)")
-    parser.add_argument("--scaling-watershed", type=float, default=defaults.scaling_watershed,
-                        help="time-aware RoPE scaling: linear before this t, NTK after (default: %(default)s, "
-                             "diffusers'; the official code uses 0.3)")
-    parser.add_argument("--no-proportional-attn", action="store_true",
-                        help="turn off proportional attention (on by default, as in diffusers)")
+                        help="time shift of the noise schedule (default: the scheduler config's; without one "
+                             "1.0 for Lumina-Next, 3.0 for SD3; the official Lumina-T2X demo uses 4)")
+    parser.add_argument("--solver", choices=["euler", "midpoint"], default=None,
+                        help="Lumina-Next: ODE solver; midpoint (the official demo's) costs two model calls "
+                             "a step (default: euler)")
+    parser.add_argument("--scaling-watershed", type=float, default=None,
+                        help="Lumina-Next: time-aware RoPE scaling, linear before this t, NTK after "
+                             "(default: 1.0, diffusers'; the official code uses 0.3)")
+    parser.add_argument("--no-proportional-attn", action="store_true", default=None,
+                        help="Lumina-Next: turn off proportional attention (on by default, as in diffusers)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="precision of the transformer and text encoder; the VAE always runs in fp32 "
                              "(default: bf16 on a GPU, fp32 on the CPU)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="torch device to run on (default: %(default)s)")
-    method = parser.add_argument_group("AccelAes (on by default)")
+    method = parser.add_argument_group("AccelAes (on by default; defaults are Lumina-Next's, and SD3 "
+                                       "runs without --sparse and --spatial-cfg unless asked)")
     method.add_argument("--dense", action="store_true", help="turn AccelAes off: every step runs the whole model")
     method.add_argument("--compare", action="store_true",
                         help="run dense and AccelAes with the same seed, write both pictures (the dense one "
@@ -118,19 +137,29 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "anchors":
             method.add_argument(flag, type=Path, default=None, help=text)
         elif isinstance(default, bool):
-            method.add_argument("--no-" + name.replace("_", "-"), dest=name, action="store_false",
-                                help=f"turn off: {text}")
+            method.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                help=f"{text} (default: {'on' if default else 'off'})")
         else:
-            method.add_argument(flag, type=type(default), default=default, help=f"{text} (default: %(default)s)")
+            method.add_argument(flag, type=type(default), default=None, help=f"{text} (default: {default})")
     return parser
 
 
+def model_settings(args: argparse.Namespace):
+    """The pipeline settings: the model's defaults, overridden by the flags given."""
+    settings = MODELS[args.model].settings()
+    given = {"steps": args.steps, "guidance": args.guidance, "shift": args.shift, "solver": args.solver,
+             "scaling_watershed": args.scaling_watershed,
+             "proportional_attn": None if args.no_proportional_attn is None else not args.no_proportional_attn}
+    return replace(settings, **{k: v for k, v in given.items() if v is not None})
+
+
 def accelaes_config(args: argparse.Namespace) -> AccelAesConfig:
-    fields = {name: getattr(args, name) for name in ACCELAES_HELP if name != "anchors"}
-    config = AccelAesConfig(**fields)
+    config = MODELS[args.model].accelaes
+    given = {name: getattr(args, name) for name in ACCELAES_HELP if name != "anchors"}
+    config = replace(config, **{k: v for k, v in given.items() if v is not None})
     if args.anchors is not None:
         config.anchors = load_anchors(args.anchors)
-    config.check(args.steps)
+    config.check(model_settings(args).steps)
     return config
 
 
@@ -143,8 +172,15 @@ def check_args(args: argparse.Namespace) -> None:
         check_size(args.height, args.width)
     except ValueError as error:
         raise UsageError(f"--{error}") from None
-    if args.steps < 1:
+    if args.steps is not None and args.steps < 1:
         raise UsageError(f"--steps {args.steps}: use at least 1")
+    if args.model != "lumina-next":
+        given = [name for name in LUMINA_ONLY if getattr(args, name) is not None]
+        if given:
+            raise UsageError(f"--{given[0].replace('_', '-')} applies to --model lumina-next only")
+        if args.weights is None:
+            raise UsageError(f"--model {args.model} needs --weights (the built-in random model is Lumina-Next's): "
+                             "see weights.md")
     if args.output.suffix.lower() != ".png":
         raise UsageError(f"--output {args.output}: the image is written as PNG; name it *.png")
     if args.output.exists() and not args.overwrite:
@@ -167,7 +203,7 @@ def check_args(args: argparse.Namespace) -> None:
             accelaes_config(args)
         except ValueError as error:
             raise UsageError(str(error)) from None
-        if args.solver != "euler":
+        if args.solver not in (None, "euler"):
             raise UsageError(f"--solver {args.solver}: AccelAes extrapolates Euler steps; add --dense")
     for extra in extra_outputs(args):
         if extra.exists() and not args.overwrite:
@@ -231,9 +267,12 @@ def mask_picture(image: torch.Tensor, accel: AccelAes) -> Image.Image:
     return to_pil(torch.cat(panels, dim=2))
 
 
-def load_embedder(args: argparse.Namespace):
-    """The CLIP phrase embedder for AesMask, or None (uniform token weights)."""
+def load_embedder(args: argparse.Namespace, pipeline):
+    """The CLIP phrase embedder for AesMask: --clip, or the pipeline's own CLIP-L (SD3, FLUX), or
+    a clip-vit-large-patch14/ folder in --weights; None (uniform token weights) without one."""
     folder = args.clip
+    if folder is None and getattr(pipeline, "clip_l", None) is not None:
+        return clip_phrase_embedder(pipeline.clip_l, pipeline.clip_l_tokenizer)
     if folder is None and args.weights is not None and (args.weights / "clip-vit-large-patch14").is_dir():
         folder = args.weights / "clip-vit-large-patch14"
     if folder is None:
@@ -243,7 +282,7 @@ def load_embedder(args: argparse.Namespace):
     return clip_phrase_embedder(model, CLIPTokenizer.from_folder(folder))
 
 
-def load_pipeline(args: argparse.Namespace) -> tuple[LuminaNextPipeline, str]:
+def load_pipeline(args: argparse.Namespace):
     if args.weights is None:
         print("No --weights given: running a small built-in model with RANDOM weights, so the picture "
               "is noise. weights.md lists the released weights and where to download them.",
@@ -254,7 +293,7 @@ def load_pipeline(args: argparse.Namespace) -> tuple[LuminaNextPipeline, str]:
         pipeline.vae.to(args.device)
         return pipeline, "built-in random model"
     print(f"loading {args.model} from {args.weights} ...", file=sys.stderr)
-    return LuminaNextPipeline.from_folder(args.weights, DTYPES[args.dtype], args.device), args.model
+    return MODELS[args.model].pipeline.from_folder(args.weights, DTYPES[args.dtype], args.device), args.model
 
 
 def generate(pipeline, args, settings, accel: AccelAes | None) -> tuple[torch.Tensor, float]:
@@ -280,29 +319,27 @@ def main(argv: list[str] | None = None) -> int:
         check_args(args)
         started = time.perf_counter()
         pipeline, model = load_pipeline(args)
-        settings = LuminaSettings(steps=args.steps, guidance=args.guidance, solver=args.solver, shift=args.shift,
-                                  scaling_watershed=args.scaling_watershed,
-                                  proportional_attn=not args.no_proportional_attn)
+        settings = model_settings(args)
         parameters = {"model": model, "weights": str(args.weights) if args.weights else None,
                       "prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": args.seed,
                       "height": args.height, "width": args.width, "dtype": args.dtype, **settings.__dict__}
-        accel = None if args.dense else AccelAes.create(accelaes_config(args), load_embedder(args))
+        accel = None if args.dense else AccelAes.create(accelaes_config(args), load_embedder(args, pipeline))
         if args.compare:
             # One step first, so neither timed run pays the one-time start-up costs.
             pipeline.generate([args.prompt], [args.negative_prompt], height=args.height, width=args.width,
-                              settings=LuminaSettings(**{**settings.__dict__, "steps": 1}))
+                              settings=replace(settings, steps=1))
         image, seconds = generate(pipeline, args, settings, accel)
         if accel is not None:
             print(f"AesMask: {accel.reports[0].describe()}", file=sys.stderr)
             print(f"AccelAes: {accel.stats.dense} dense, {accel.stats.sparse} sparse evaluations, "
                   f"{accel.stats.extrapolated} steps extrapolated ({seconds:.1f} s)", file=sys.stderr)
-            parameters["accelaes"] = {**{k: v for k, v in accel.config.__dict__.items() if k != "anchors"},
-                                      **accel.stats.__dict__, "aesmask": accel.reports[0].describe()}
+            parameters["accelaes"] = {"config": {k: v for k, v in accel.config.__dict__.items() if k != "anchors"},
+                                      "evaluations": accel.stats.__dict__, "aesmask": accel.reports[0].describe()}
         else:
             parameters["accelaes"] = None
         if args.compare:
             dense_image, dense_seconds = generate(pipeline, args, settings, None)
-            print_comparison(dense_seconds, seconds, accel, psnr(image, dense_image), args.steps)
+            print_comparison(dense_seconds, seconds, accel, psnr(image, dense_image), settings.steps)
             write_png(to_pil(dense_image), extra_outputs(args)[0], {**parameters, "accelaes": None})
         if args.save_mask:
             write_png(mask_picture(image, accel), extra_outputs(args)[-1], parameters)

@@ -373,14 +373,191 @@ def nextdit_layout(keys: Iterable[str], prefix: str | None = None) -> Layout:
 
 
 # ---------------------------------------------------------------------------------------------
+# SD3 MMDiT. Ours: the original SD3 names (sd3_medium.safetensors, under `model.diffusion_model.`):
+#   x_embedder.proj, pos_embed, t_embedder.mlp.{0,2}, y_embedder.mlp.{0,2}, context_embedder,
+#   joint_blocks.N.{x_block,context_block}.{attn.{qkv,proj,ln_q,ln_k},mlp.{fc1,fc2},adaLN_modulation.1},
+#   joint_blocks.N.x_block.attn2.{qkv,proj,ln_q,ln_k} (SD3.5-M), final_layer.{linear,adaLN_modulation.1}.
+#   The last block's context_block has only attn.qkv (+ ln_q/ln_k) and a 2-chunk adaLN_modulation.
+# ---------------------------------------------------------------------------------------------
+
+_MMDIT_ORIGINAL_MARKER = "joint_blocks.0.x_block.attn.qkv.weight"
+# diffusers' FLUX transformer has transformer_blocks.0.attn.add_q_proj too; the stored crop
+# table is SD3's own.
+_MMDIT_DIFFUSERS_MARKER = "pos_embed.pos_embed"
+
+
+def mmdit_layout(keys: Iterable[str], prefix: str | None = None) -> Layout:
+    """The SD3 MMDiT in its original layout or diffusers' (SD3Transformer2DModel)."""
+    keys = list(keys)
+    prefix, marker = find_prefix(keys, [_MMDIT_ORIGINAL_MARKER, _MMDIT_DIFFUSERS_MARKER], "SD3 MMDiT", prefix)
+    if marker == _MMDIT_ORIGINAL_MARKER:
+        return Layout("original SD3 MMDiT", prefix, renamed(keys, prefix, []))
+    if prefix + "transformer_blocks.0.attn.add_q_proj.weight" not in keys:
+        raise CheckpointError(f"no SD3 MMDiT found under '{prefix}' (a pos_embed table without joint blocks); "
+                              f"the file looks like: {describe(keys)}")
+
+    block = r"^transformer_blocks\.(\d+)\."
+    rules = [
+        # q, k, v stored apart: renamed to a part of the fused qkv, joined below.
+        (block + r"attn\.to_([qkv])\.", r"joint_blocks.\1.x_block.attn.qkv.\2."),
+        (block + r"attn\.add_([qkv])_proj\.", r"joint_blocks.\1.context_block.attn.qkv.\2."),
+        (block + r"attn2\.to_([qkv])\.", r"joint_blocks.\1.x_block.attn2.qkv.\2."),
+        (block + r"attn\.norm_([qk])\.", r"joint_blocks.\1.x_block.attn.ln_\2."),
+        (block + r"attn\.norm_added_([qk])\.", r"joint_blocks.\1.context_block.attn.ln_\2."),
+        (block + r"attn2\.norm_([qk])\.", r"joint_blocks.\1.x_block.attn2.ln_\2."),
+        (block + r"attn\.to_out\.0\.", r"joint_blocks.\1.x_block.attn.proj."),
+        (block + r"attn\.to_add_out\.", r"joint_blocks.\1.context_block.attn.proj."),
+        (block + r"attn2\.to_out\.0\.", r"joint_blocks.\1.x_block.attn2.proj."),
+        (block + r"ff\.net\.0\.proj\.", r"joint_blocks.\1.x_block.mlp.fc1."),
+        (block + r"ff\.net\.2\.", r"joint_blocks.\1.x_block.mlp.fc2."),
+        (block + r"ff_context\.net\.0\.proj\.", r"joint_blocks.\1.context_block.mlp.fc1."),
+        (block + r"ff_context\.net\.2\.", r"joint_blocks.\1.context_block.mlp.fc2."),
+        (block + r"norm1\.linear\.", r"joint_blocks.\1.x_block.adaLN_modulation.1."),
+        (block + r"norm1_context\.linear\.", r"joint_blocks.\1.context_block.adaLN_modulation.1."),
+        (r"^norm_out\.linear\.", "final_layer.adaLN_modulation.1."),
+        (r"^proj_out\.", "final_layer.linear."),
+        (r"^pos_embed\.proj\.", "x_embedder.proj."),
+        (r"^pos_embed\.pos_embed$", "pos_embed"),
+        (r"^time_text_embed\.timestep_embedder\.linear_1\.", "t_embedder.mlp.0."),
+        (r"^time_text_embed\.timestep_embedder\.linear_2\.", "t_embedder.mlp.2."),
+        (r"^time_text_embed\.text_embedder\.linear_1\.", "y_embedder.mlp.0."),
+        (r"^time_text_embed\.text_embedder\.linear_2\.", "y_embedder.mlp.2."),
+    ]
+    # Where the text stream is pre_only (the last block: no to_add_out), diffusers' norm1_context
+    # is an AdaLayerNormContinuous, which splits (scale, shift) where the original splits
+    # (shift, scale); so is norm_out.
+    pre_only = {m.group(1) for k in keys
+                if (m := re.match(re.escape(prefix) + block[1:] + r"attn\.add_k_proj\.weight$", k))
+                and f"{prefix}transformer_blocks.{m.group(1)}.attn.to_add_out.weight" not in keys}
+    swapped = [r"^final_layer\.adaLN_modulation\.1\."] + [
+        rf"^joint_blocks\.{i}\.context_block\.adaLN_modulation\.1\." for i in pre_only]
+
+    mapping: dict[str, object] = {}
+    fused: dict[str, dict[str, str]] = {}
+    for name, source in renamed(keys, prefix, rules).items():
+        part = re.match(r"(.+\.qkv)\.([qkv])\.(weight|bias)$", name)
+        if part:
+            fused.setdefault(f"{part.group(1)}.{part.group(3)}", {})[part.group(2)] = source.key
+        elif any(re.match(pattern, name) for pattern in swapped):
+            mapping[name] = SwappedHalves(source.key)
+        else:
+            mapping[name] = source
+    for name, parts in fused.items():
+        if set(parts) != set("qkv"):
+            missing = ", ".join(sorted(set("qkv") - set(parts)))
+            raise CheckpointError(f"the diffusers MMDiT file has only some of the q/k/v projections of {name} "
+                                  f"(missing {missing}): it is incomplete")
+        mapping[name] = Concat(tuple(parts[p] for p in "qkv"))
+    return Layout("diffusers SD3 MMDiT", prefix, mapping)
+
+
+# ---------------------------------------------------------------------------------------------
+# FLUX.1 transformer. Ours: the original BFL names (`flux1-dev.safetensors`):
+#   img_in, txt_in, {time_in,vector_in,guidance_in}.{in_layer,out_layer},
+#   double_blocks.N.{img,txt}_mod.lin, double_blocks.N.{img,txt}_attn.{qkv,proj,norm.{query,key}_norm.scale},
+#   double_blocks.N.{img,txt}_mlp.{0,2}, single_blocks.N.{linear1,linear2,modulation.lin,
+#   norm.{query,key}_norm.scale}, final_layer.{adaLN_modulation.1,linear}.
+# ---------------------------------------------------------------------------------------------
+
+_FLUX_ORIGINAL_MARKER = "double_blocks.0.img_attn.qkv.weight"
+_FLUX_DIFFUSERS_MARKER = "single_transformer_blocks.0.attn.to_q.weight"
+
+# diffusers module -> ours, outside the blocks (the reverse of convert_flux_transformer_checkpoint_to_diffusers).
+_FLUX_DIFFUSERS_TOP = {
+    "x_embedder": "img_in",
+    "context_embedder": "txt_in",
+    "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
+    "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
+    "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
+    "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
+    "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+    "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+    "norm_out.linear": "final_layer.adaLN_modulation.1",   # halves swapped: diffusers splits (scale, shift)
+    "proj_out": "final_layer.linear",
+}
+# Inside transformer_blocks.N -> double_blocks.N. A name ending in ".q", ".k", ".v" (".mlp") is a
+# part of the fused tensor before it, concatenated in that order.
+_FLUX_DIFFUSERS_DOUBLE = {
+    "norm1.linear": "img_mod.lin", "norm1_context.linear": "txt_mod.lin",
+    "attn.to_q": "img_attn.qkv.q", "attn.to_k": "img_attn.qkv.k", "attn.to_v": "img_attn.qkv.v",
+    "attn.add_q_proj": "txt_attn.qkv.q", "attn.add_k_proj": "txt_attn.qkv.k", "attn.add_v_proj": "txt_attn.qkv.v",
+    "attn.norm_q": "img_attn.norm.query_norm", "attn.norm_k": "img_attn.norm.key_norm",
+    "attn.norm_added_q": "txt_attn.norm.query_norm", "attn.norm_added_k": "txt_attn.norm.key_norm",
+    "attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.proj",
+    "ff.net.0.proj": "img_mlp.0", "ff.net.2": "img_mlp.2",
+    "ff_context.net.0.proj": "txt_mlp.0", "ff_context.net.2": "txt_mlp.2",
+}
+# Inside single_transformer_blocks.N -> single_blocks.N.
+_FLUX_DIFFUSERS_SINGLE = {
+    "norm.linear": "modulation.lin",
+    "attn.to_q": "linear1.q", "attn.to_k": "linear1.k", "attn.to_v": "linear1.v", "proj_mlp": "linear1.mlp",
+    "proj_out": "linear2",
+    "attn.norm_q": "norm.query_norm", "attn.norm_k": "norm.key_norm",
+}
+_FUSED_ORDER = {"qkv": ("q", "k", "v"), "linear1": ("q", "k", "v", "mlp")}
+
+
+def _flux_name(name: str) -> str | None:
+    """Our name (fused parts still marked) of a diffusers FLUX key, or None if it is no FLUX key."""
+    if "." not in name:
+        return None
+    module, param = name.rsplit(".", 1)
+    block = re.match(r"(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)$", module)
+    if block:
+        kind, index, inner = block.groups()
+        ours_block, table = (("double_blocks", _FLUX_DIFFUSERS_DOUBLE) if kind == "transformer_blocks"
+                             else ("single_blocks", _FLUX_DIFFUSERS_SINGLE))
+        ours = table.get(inner)
+        ours = ours and f"{ours_block}.{index}.{ours}"
+    else:
+        ours = _FLUX_DIFFUSERS_TOP.get(module)
+    if ours is None:
+        return None
+    if ours.endswith("_norm") and param == "weight":  # torch RMSNorm's weight is BFL's scale
+        param = "scale"
+    return f"{ours}.{param}"
+
+
+def flux_layout(keys: Iterable[str], prefix: str | None = None) -> Layout:
+    """The FLUX transformer in BFL's layout (alone or under `model.diffusion_model.`) or diffusers'."""
+    keys = list(keys)
+    prefix, marker = find_prefix(keys, [_FLUX_ORIGINAL_MARKER, _FLUX_DIFFUSERS_MARKER], "FLUX transformer", prefix)
+    if marker == _FLUX_ORIGINAL_MARKER:
+        return Layout("BFL FLUX", prefix, renamed(keys, prefix, []))
+
+    mapping: dict[str, object] = {}
+    parts: dict[tuple[str, str], dict[str, str]] = {}   # (fused name, weight|bias) -> {part: key}
+    for key in keys:
+        if not key.startswith(prefix):
+            continue
+        name = _flux_name(key[len(prefix):])
+        if name is None:
+            continue  # not ours: _check_keys reports it as unexpected
+        fused = re.match(r"(.+\.(qkv|linear1))\.(\w+)\.(weight|bias)$", name)
+        if fused:
+            target, _, part, param = fused.groups()
+            parts.setdefault((f"{target}.{param}", target.rsplit(".", 1)[1]), {})[part] = key
+        elif name.startswith("final_layer.adaLN_modulation.1."):
+            mapping[name] = SwappedHalves(key)
+        else:
+            mapping[name] = Key(key)
+    for (name, kind), found in parts.items():
+        order = _FUSED_ORDER[kind]
+        # An incomplete set is left out: the missing fused tensor and its stray parts get reported.
+        if set(found) == set(order):
+            mapping[name] = Concat(tuple(found[part] for part in order))
+    return Layout("diffusers FLUX", prefix, mapping)
+
+
+# ---------------------------------------------------------------------------------------------
 # What a file holds, for error messages.
 # ---------------------------------------------------------------------------------------------
 
 _SIGNATURES = [
-    ("double_blocks.0.img_attn.qkv.weight", "a FLUX.1 transformer (original layout)"),
-    ("single_transformer_blocks.0.attn.to_q.weight", "a FLUX.1 transformer (diffusers layout)"),
-    ("joint_blocks.0.x_block.attn.qkv.weight", "an SD3 MMDiT (original layout)"),
-    ("transformer_blocks.0.attn.add_q_proj.weight", "an SD3 MMDiT (diffusers layout)"),
+    (_FLUX_ORIGINAL_MARKER, "a FLUX.1 transformer (original layout)"),
+    (_FLUX_DIFFUSERS_MARKER, "a FLUX.1 transformer (diffusers layout)"),
+    (_MMDIT_ORIGINAL_MARKER, "an SD3 MMDiT (original layout)"),
+    (_MMDIT_DIFFUSERS_MARKER, "an SD3 MMDiT (diffusers layout)"),
     (_NEXTDIT_ORIGINAL_MARKER, "a Lumina-Next NextDiT (original layout)"),
     (_NEXTDIT_DIFFUSERS_MARKER, "a Lumina-Next NextDiT (diffusers layout)"),
     (_CLIP_HF_MARKER, "a CLIP text tower (transformers layout)"),

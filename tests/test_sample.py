@@ -80,6 +80,9 @@ def test_every_accelaes_setting_is_a_flag():
     args = sample.build_parser().parse_args(["--skip-ratio", "0.3", "--no-step-cache", "--mask-step", "3"])
     config = sample.accelaes_config(args)
     assert (config.skip_ratio, config.step_cache, config.mask_step, config.sparse) == (0.3, False, 3, True)
+    args = sample.build_parser().parse_args(["--model", "sd3", "--sparse"])
+    config = sample.accelaes_config(args)
+    assert (config.sparse, config.spatial_cfg, config.step_cache) == (True, False, True)
 
 
 def test_compare_and_save_mask(tmp_path, capsys):
@@ -92,7 +95,7 @@ def test_compare_and_save_mask(tmp_path, capsys):
     assert "uniform token weights (no CLIP text encoder given)" in printed.err
     dense, mask = Image.open(tmp_path / "out-dense.png"), Image.open(tmp_path / "out-mask.png")
     assert dense.size == (96, 64) and mask.size == (3 * 96, 64)
-    assert json.loads(Image.open(output).info["parameters"])["accelaes"]["sparse"] == 3
+    assert json.loads(Image.open(output).info["parameters"])["accelaes"]["evaluations"]["sparse"] == 3
     assert json.loads(dense.info["parameters"])["accelaes"] is None
 
 

@@ -265,17 +265,22 @@ def reference_from_spm(folder) -> RefTokenizer:
     return RefTokenizer(vocab=vocab, _spm_precompiled_charsmap=charsmap, extra_ids=100)
 
 
-@pytest.fixture(scope="module")
-def tokenizer_folders(tmp_path_factory):
-    """{"spm": folder with spiece.model, "json": folder with tokenizer.json only} and the references."""
-    root = tmp_path_factory.mktemp("t5_tokenizer")
-    spm_folder, json_folder = root / "spm", root / "json"
-    spm_folder.mkdir()
+def train_tokenizer(folder):
+    """A folder holding a SentencePiece unigram spiece.model with T5's special ids."""
+    folder.mkdir(parents=True, exist_ok=True)
     model = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
         sentence_iterator=iter(corpus()), model_writer=model, model_type="unigram", vocab_size=700,
         pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=0.9995, minloglevel=2)
-    (spm_folder / "spiece.model").write_bytes(model.getvalue())
+    (folder / "spiece.model").write_bytes(model.getvalue())
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tokenizer_folders(tmp_path_factory):
+    """{"spm": folder with spiece.model, "json": folder with tokenizer.json only} and the references."""
+    root = tmp_path_factory.mktemp("t5_tokenizer")
+    spm_folder, json_folder = train_tokenizer(root / "spm"), root / "json"
     ref = reference_from_spm(spm_folder)
     assert len(ref) == 800 and ref.convert_tokens_to_ids(["<extra_id_0>", "<extra_id_99>"]) == [799, 700]
     ref.save_pretrained(json_folder)

@@ -1,0 +1,476 @@
+"""Stable Diffusion 3 / 3.5's MMDiT: a joint-attention diffusion transformer over 16-channel latents.
+
+Written from the notes in ../shared/reference/sd3_flux.md (sections 1-3) and checked number for
+number against diffusers' `SD3Transformer2DModel` (tests/test_mmdit.py), called the way
+diffusers' SD3 pipeline calls it: with timestep = sigma * 1000.
+
+Parameter names are the original SD3 ones (`model.diffusion_model.*` in sd3_medium.safetensors
+and the SD3.5 single files); the diffusers layout is renamed onto them by `mmdit_layout`.
+
+Each joint block has two streams with their own weights, `context_block` for the text tokens
+and `x_block` for the image tokens, that meet in one attention over all tokens:
+
+    shift, scale, gate (msa, mlp) = adaLN_modulation(c)                 # per stream
+    q, k, v = qkv(LN(tokens) * (1 + scale_msa) + shift_msa)             # per stream, then joined
+    tokens += gate_msa * proj(attention(q, k, v over text + image))     # per stream
+    tokens += gate_mlp * mlp(LN(tokens) * (1 + scale_mlp) + shift_mlp)  # per stream
+
+SD3.5-Medium's first blocks add to the image stream a second, image-only self-attention
+(`x_block.attn2`) fed from the same normalised tokens with its own shift/scale/gate. The last
+block's text stream is `pre_only`: it only gives keys and values, and its output is dropped.
+
+For AccelAes the model keeps ONE token tensor through the blocks, [text | image], and each
+block exposes `increment(tokens, step, focus)`: the update of some of the rows, with queries,
+output projections and MLPs for those rows only, but keys and values from every token.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Callable, Iterable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import AttentionProbe, attention, merge_heads, split_heads
+from .checkpoint import Checkpoint, CheckpointError, load_model
+from .layouts import mmdit_layout
+
+
+# ---------------------------------------------------------------------------------------------
+# Hyper-parameters
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class MMDiTParams:
+    """Sizes of an MMDiT. The defaults are SD3-Medium's."""
+    depth: int = 24
+    hidden: int = 1536                          # 64 * depth in every release
+    heads: int = 24                             # = depth in every release: heads of 64
+    patch_size: int = 2
+    in_channels: int = 16
+    out_channels: int = 16
+    pos_embed_max: int = 192                    # side of the stored position table (SD3.5-M: 384)
+    context_dim: int = 4096                     # width of the text sequence (CLIP states padded to T5's)
+    pooled_dim: int = 2048                      # CLIP-L pooled (768) + CLIP-G pooled (1280)
+    qk_norm: bool = False                       # SD3.5: RMSNorm of each query/key head
+    dual_attention_layers: tuple[int, ...] = () # blocks whose image stream has attn2 (SD3.5-M: 0..12)
+    mlp_ratio: int = 4
+    eps: float = 1e-6                           # every LayerNorm and RMSNorm
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    @classmethod
+    def from_shapes(cls, shapes: dict[str, tuple[int, ...]], config: dict | None = None,
+                    heads: int | None = None) -> "MMDiTParams":
+        """Infer the sizes from the tensor shapes of a checkpoint (in OUR parameter names).
+
+        Everything but the number of heads is in the shapes: the width and the patch from the
+        patch convolution, the depth from the joint_blocks present, the position grid from
+        sqrt(pos_embed.shape[1]), qk-norm from the ln_k keys, the dual-attention blocks from the
+        attn2 keys. The heads come, in this order of trust, from `heads` (tests), from the qk-norm
+        weights (one per head channel), from a diffusers config.json (num_attention_heads), and
+        otherwise from the releases' rule of heads of 64 (the sd3.5 reference hard-codes it).
+        A config.json is cross-checked against the shapes.
+        """
+        config = config or {}
+
+        def shape(name: str) -> tuple[int, ...]:
+            if name not in shapes:
+                raise CheckpointError(f"the checkpoint has no {name}: it is not a complete SD3 MMDiT")
+            return tuple(shapes[name])
+
+        def agree(what: str, from_shapes, key: str) -> None:
+            value = config.get(key)
+            if isinstance(value, list):
+                value = tuple(value)
+            if value is not None and value != from_shapes:
+                raise CheckpointError(f"config.json says {key}={config[key]} but the weights have {what} "
+                                      f"{from_shapes}: the config belongs to another model")
+
+        if config.get("_class_name", "SD3Transformer2DModel") != "SD3Transformer2DModel":
+            raise CheckpointError(f"config.json describes a {config['_class_name']}, not an SD3Transformer2DModel")
+
+        hidden, in_channels, patch_size, patch_w = shape("x_embedder.proj.weight")
+        if patch_size != patch_w:
+            raise CheckpointError(f"x_embedder.proj has a {patch_size}x{patch_w} kernel; SD3 patches are square")
+        agree("patch size", patch_size, "patch_size")
+        agree("in_channels", in_channels, "in_channels")
+        out_channels, rest = divmod(shape("final_layer.linear.weight")[0], patch_size ** 2)
+        if rest:
+            raise CheckpointError(f"final_layer.linear has {shape('final_layer.linear.weight')[0]} outputs, "
+                                  f"not {patch_size}x{patch_size} patches of whole channels")
+        agree("out_channels", out_channels, "out_channels")
+
+        blocks = {int(m.group(1)) for name in shapes if (m := re.match(r"joint_blocks\.(\d+)\.", name))}
+        depth = len(blocks)
+        if depth == 0 or blocks != set(range(depth)):
+            raise CheckpointError(f"the joint blocks are {sorted(blocks)[:5]}...: expected joint_blocks.0..N-1")
+        agree("joint blocks", depth, "num_layers")
+
+        grid = math.isqrt(shape("pos_embed")[1])
+        if grid * grid != shape("pos_embed")[1]:
+            raise CheckpointError(f"pos_embed has {shape('pos_embed')[1]} rows, not a square grid")
+        agree("a position grid of side", grid, "pos_embed_max_size")
+
+        qk_norm = "joint_blocks.0.context_block.attn.ln_k.weight" in shapes
+        if "qk_norm" in config and config["qk_norm"] != ("rms_norm" if qk_norm else None):
+            raise CheckpointError(f"config.json says qk_norm={config['qk_norm']!r} but the weights have "
+                                  f"{'RMS qk-norm' if qk_norm else 'no qk-norm'}: the config belongs to another model")
+        dual = tuple(sorted(i for i in blocks if f"joint_blocks.{i}.x_block.attn2.qkv.weight" in shapes))
+        agree("dual-attention layers", dual, "dual_attention_layers")
+
+        if heads is None and qk_norm:
+            heads = hidden // shape("joint_blocks.0.x_block.attn.ln_q.weight")[0]
+        if heads is None and config.get("num_attention_heads"):
+            heads = int(config["num_attention_heads"])
+        if heads is None:
+            heads = hidden // 64
+        if heads <= 0 or hidden % heads:
+            raise CheckpointError(f"width {hidden} does not split into {heads} heads")
+        agree("attention heads", heads, "num_attention_heads")
+        agree("a head size of", hidden // heads, "attention_head_dim")
+
+        context_width, context_dim = shape("context_embedder.weight")
+        if context_width != hidden:
+            # diffusers allows caption_projection_dim != width; no release (nor the joint attention) does.
+            raise CheckpointError(f"context_embedder projects to {context_width}, not the width {hidden}")
+        agree("a text width of", context_dim, "joint_attention_dim")
+        pooled_dim = shape("y_embedder.mlp.0.weight")[1]
+        agree("a pooled width of", pooled_dim, "pooled_projection_dim")
+        mlp_ratio, rest = divmod(shape("joint_blocks.0.x_block.mlp.fc1.weight")[0], hidden)
+        if rest:
+            raise CheckpointError(f"mlp.fc1 has {shape('joint_blocks.0.x_block.mlp.fc1.weight')[0]} rows, "
+                                  f"not a multiple of the width {hidden}")
+
+        return cls(depth=depth, hidden=hidden, heads=heads, patch_size=patch_size, in_channels=in_channels,
+                   out_channels=out_channels, pos_embed_max=grid, context_dim=context_dim, pooled_dim=pooled_dim,
+                   qk_norm=qk_norm, dual_attention_layers=dual, mlp_ratio=mlp_ratio)
+
+
+# ---------------------------------------------------------------------------------------------
+# Small modules
+# ---------------------------------------------------------------------------------------------
+
+def timestep_sinusoids(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
+    """[cos | sin] of t * max_period^(-i/half), i = 0..half-1, in fp32 (diffusers' Timesteps with
+    flip_sin_to_cos=True, downscale_freq_shift=0). SD3 feeds t = sigma * 1000 as it is."""
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+    args = t.float()[:, None] * torch.exp(exponent)[None]
+    return torch.cat([args.cos(), args.sin()], dim=-1)
+
+
+class TimestepEmbedder(nn.Module):
+    """timestep -> 256 sinusoids -> Linear, SiLU, Linear."""
+
+    frequencies = 256
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(self.frequencies, width), nn.SiLU(), nn.Linear(width, width))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(timestep_sinusoids(t, self.frequencies).to(self.mlp[0].weight.dtype))
+
+
+class VectorEmbedder(nn.Module):
+    """The pooled CLIP vector -> Linear, SiLU, Linear."""
+
+    def __init__(self, in_dim: int, width: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(in_dim, width), nn.SiLU(), nn.Linear(width, width))
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return self.mlp(y)
+
+
+class PatchEmbed(nn.Module):
+    """[B, C, H, W] -> [B, (H/p)*(W/p), width]: a p x p stride-p convolution, tokens row-major."""
+
+    def __init__(self, p: MMDiTParams):
+        super().__init__()
+        self.proj = nn.Conv2d(p.in_channels, p.hidden, kernel_size=p.patch_size, stride=p.patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class RMSNorm(nn.Module):
+    """Query/key norm of one head: normalised in fp32, back to the input dtype, then scaled."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class Mlp(nn.Module):
+    """fc1, GELU (tanh approximation), fc2."""
+
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class Attention(nn.Module):
+    """One stream's projections: fused qkv ([q | k | v], each head-major), per-head qk-norm, proj.
+
+    Queries and keys/values are computed apart (from the rows of the fused weight), so a caller
+    can ask for the queries of a few tokens and the keys/values of all of them. The attention
+    itself runs in the block, where the streams meet.
+    """
+
+    def __init__(self, p: MMDiTParams, pre_only: bool = False):
+        super().__init__()
+        self.heads, self.width = p.heads, p.hidden
+        self.qkv = nn.Linear(p.hidden, 3 * p.hidden)
+        if p.qk_norm:
+            self.ln_q = RMSNorm(p.head_dim, p.eps)
+            self.ln_k = RMSNorm(p.head_dim, p.eps)
+        else:
+            self.ln_q = self.ln_k = nn.Identity()
+        # The last block's text stream only lends keys and values: no output projection.
+        self.proj = None if pre_only else nn.Linear(p.hidden, p.hidden)
+
+    def _project(self, h: torch.Tensor, part: slice) -> torch.Tensor:
+        return F.linear(h, self.qkv.weight[part], self.qkv.bias[part])
+
+    def queries(self, h: torch.Tensor) -> torch.Tensor:
+        """[B, N, width] modulated tokens -> q [B, heads, N, head_dim]."""
+        return self.ln_q(split_heads(self._project(h, slice(0, self.width)), self.heads))
+
+    def keys_values(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, N, width] modulated tokens -> k, v [B, heads, N, head_dim]."""
+        k, v = self._project(h, slice(self.width, 3 * self.width)).chunk(2, dim=-1)
+        return self.ln_k(split_heads(k, self.heads)), split_heads(v, self.heads)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale) + shift
+
+
+def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x [B, N, D] at token indices [B, K] -> [B, K, D]."""
+    return x.gather(1, index[:, :, None].expand(-1, -1, x.shape[-1]))
+
+
+class Modulation(NamedTuple):
+    """adaLN outputs of one stream, each [B, 1, width]: 2, 6 or 9 of them, in the checkpoint's order."""
+    shift_msa: torch.Tensor
+    scale_msa: torch.Tensor
+    gate_msa: torch.Tensor | None = None
+    shift_mlp: torch.Tensor | None = None
+    scale_mlp: torch.Tensor | None = None
+    gate_mlp: torch.Tensor | None = None
+    shift_msa2: torch.Tensor | None = None     # the image stream's attn2 (SD3.5-M)
+    scale_msa2: torch.Tensor | None = None
+    gate_msa2: torch.Tensor | None = None
+
+
+class StreamBlock(nn.Module):
+    """One stream (text or image) of a joint block: the original `DismantledBlock`.
+
+    The norms are LayerNorms without affine parameters, so they hold no weights.
+    """
+
+    def __init__(self, p: MMDiTParams, pre_only: bool = False, dual_attention: bool = False):
+        super().__init__()
+        self.pre_only, self.dual_attention = pre_only, dual_attention
+        self.norm1 = nn.LayerNorm(p.hidden, eps=p.eps, elementwise_affine=False)
+        self.attn = Attention(p, pre_only)
+        self.attn2 = Attention(p) if dual_attention else None
+        if not pre_only:
+            self.norm2 = nn.LayerNorm(p.hidden, eps=p.eps, elementwise_affine=False)
+            self.mlp = Mlp(p.hidden, p.mlp_ratio * p.hidden)
+        # (shift, scale) for the pre_only stream; + gate and the MLP's three; + attn2's three.
+        self.chunks = 2 if pre_only else 9 if dual_attention else 6
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(p.hidden, self.chunks * p.hidden))
+
+    def modulation(self, c: torch.Tensor) -> Modulation:
+        return Modulation(*self.adaLN_modulation(c)[:, None, :].chunk(self.chunks, dim=-1))
+
+    def mlp_increment(self, x: torch.Tensor, m: Modulation) -> torch.Tensor:
+        """gate_mlp * mlp(modulated norm2(x)): token-wise, so any subset of rows."""
+        return m.gate_mlp * self.mlp(modulate(self.norm2(x), m.shift_mlp, m.scale_mlp))
+
+
+@dataclass
+class StepInputs:
+    """What every block of one forward shares."""
+    c: torch.Tensor                        # [B, width] timestep + pooled-text conditioning
+    text_tokens: int                       # L: tokens 0..L-1 are text, L.. are image
+    probe: AttentionProbe | None = None    # shown each block's image-to-text attention
+
+
+BlockRunner = Callable[[int, nn.Module, torch.Tensor, StepInputs], torch.Tensor]
+
+
+class JointBlock(nn.Module):
+    def __init__(self, p: MMDiTParams, index: int):
+        super().__init__()
+        self.context_block = StreamBlock(p, pre_only=index == p.depth - 1)
+        self.x_block = StreamBlock(p, dual_attention=index in p.dual_attention_layers)
+
+    def increment(self, tokens: torch.Tensor, step: StepInputs, focus: torch.Tensor | None = None) -> torch.Tensor:
+        """What the block adds to rows of tokens [B, L+N, width] ([text | image]).
+
+        focus [B, F], if given, lists the rows to update: all text rows 0..L-1 first, then image
+        rows (>= L, ascending); the result is [B, F, width]. Only those rows get queries, output
+        projections and MLPs (text rows with the context stream's weights, image rows with the
+        x stream's); keys and values come from every token, so each row sees the whole joint
+        sequence (paper Eq. 9-10). The last block's text rows get a zero update (pre_only: the
+        original drops them). With focus None every row is updated.
+        """
+        L = step.text_tokens
+        text, image = tokens[:, :L], tokens[:, L:]
+        ctx, xb = self.context_block, self.x_block
+        mc, mx = ctx.modulation(step.c), xb.modulation(step.c)
+
+        text_h = modulate(ctx.norm1(text), mc.shift_msa, mc.scale_msa)
+        image_normed = xb.norm1(image)
+        image_h = modulate(image_normed, mx.shift_msa, mx.scale_msa)
+        image_rows = None if focus is None else focus[:, L:] - L
+        pick = (lambda x: x) if image_rows is None else (lambda x: _rows(x, image_rows))
+
+        # Joint attention: keys/values of every token, text first (no RoPE, so order is free).
+        text_k, text_v = ctx.attn.keys_values(text_h)
+        image_k, image_v = xb.attn.keys_values(image_h)
+        k, v = torch.cat([text_k, image_k], dim=2), torch.cat([text_v, image_v], dim=2)
+        image_q = xb.attn.queries(pick(image_h))
+        text_q = None if ctx.pre_only else ctx.attn.queries(text_h)
+        q = image_q if text_q is None else torch.cat([text_q, image_q], dim=2)
+        first_image_query = 0 if text_q is None else L
+        out = merge_heads(attention(q, k, v, probe=step.probe,
+                                    probe_span=(slice(first_image_query, None), slice(0, L))))
+
+        # Image rows: joint attention, then attn2 (SD3.5-M), then the MLP on the attended rows.
+        rows = pick(image)
+        attended = mx.gate_msa * xb.attn.proj(out[:, first_image_query:])
+        if xb.dual_attention:
+            # attn2 reads the same norm1 output, modulated by its own shift/scale; image tokens only.
+            h2 = modulate(image_normed, mx.shift_msa2, mx.scale_msa2)
+            o2 = attention(xb.attn2.queries(pick(h2)), *xb.attn2.keys_values(h2))
+            attended = attended + mx.gate_msa2 * xb.attn2.proj(merge_heads(o2))
+        image_increment = attended + xb.mlp_increment(rows + attended, mx)
+
+        if ctx.pre_only:
+            text_increment = torch.zeros_like(text)
+        else:
+            attended_text = mc.gate_msa * ctx.attn.proj(out[:, :L])
+            text_increment = attended_text + ctx.mlp_increment(text + attended_text, mc)
+        return torch.cat([text_increment, image_increment], dim=1)
+
+    def forward(self, tokens: torch.Tensor, step: StepInputs) -> torch.Tensor:
+        return tokens + self.increment(tokens, step)
+
+
+class FinalLayer(nn.Module):
+    """LayerNorm (no affine), modulated by (shift, scale) of c, then a linear map to the patch pixels."""
+
+    def __init__(self, p: MMDiTParams):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(p.hidden, eps=p.eps, elementwise_affine=False)
+        self.linear = nn.Linear(p.hidden, p.patch_size ** 2 * p.out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(p.hidden, 2 * p.hidden))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c)[:, None, :].chunk(2, dim=-1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------
+
+class MMDiT(nn.Module):
+    """The SD3 denoiser: velocity (noise - data) of latents at timestep = sigma * 1000."""
+
+    def __init__(self, params: MMDiTParams = MMDiTParams()):
+        super().__init__()
+        p = self.params = params
+        self.x_embedder = PatchEmbed(p)
+        # A fixed sin-cos table in the releases, but stored in the checkpoint: read, never built.
+        self.pos_embed = nn.Parameter(torch.zeros(1, p.pos_embed_max ** 2, p.hidden))
+        self.t_embedder = TimestepEmbedder(p.hidden)
+        self.y_embedder = VectorEmbedder(p.pooled_dim, p.hidden)
+        self.context_embedder = nn.Linear(p.context_dim, p.hidden)
+        self.joint_blocks = nn.ModuleList(JointBlock(p, i) for i in range(p.depth))
+        self.final_layer = FinalLayer(p)
+
+    # -- pieces of the forward --------------------------------------------------------------
+
+    def cropped_pos_embed(self, rows: int, cols: int) -> torch.Tensor:
+        """The centre rows x cols of the stored table, [1, rows*cols, width], row-major."""
+        side = self.params.pos_embed_max
+        if rows > side or cols > side:
+            raise ValueError(f"a latent of {rows}x{cols} patches exceeds the position table's {side}x{side}: "
+                             f"at most {side * self.params.patch_size * 8} px a side")
+        top, left = (side - rows) // 2, (side - cols) // 2
+        table = self.pos_embed.view(1, side, side, -1)[:, top:top + rows, left:left + cols]
+        return table.reshape(1, rows * cols, -1)
+
+    def unpatchify(self, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """[B, N, p*p*C] with each token ordered (ph, pw, c) -> [B, C, H, W]."""
+        p, c = self.params.patch_size, self.params.out_channels
+        x = tokens.view(tokens.shape[0], height // p, width // p, p, p, c).permute(0, 5, 1, 3, 2, 4)
+        return x.reshape(tokens.shape[0], c, height, width)
+
+    def conditioning(self, timestep: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        """c = t_embedder(timestep) + y_embedder(pooled): what every adaLN reads."""
+        return self.t_embedder(timestep) + self.y_embedder(pooled)
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor | float, context: torch.Tensor, pooled: torch.Tensor, *,
+                probe: AttentionProbe | None = None, block_runner: BlockRunner | None = None) -> torch.Tensor:
+        """Predict the velocity [B, out_channels, H, W] of latents x [B, in_channels, H, W].
+
+        timestep: [B] (or a float), sigma * 1000 as diffusers' SD3 pipeline passes it.
+        context: [B, L, context_dim] text states; pooled: [B, pooled_dim].
+        probe: shown every block's image-to-text attention. block_runner(index, block, tokens,
+        step) -> tokens, if given, runs each block instead of block(tokens, step): AccelAes'
+        sparse path, built on the block's `increment(tokens, step, focus)`. tokens are
+        [text | image] rows.
+        """
+        p = self.params
+        batch, _, height, width = x.shape
+        if height % p.patch_size or width % p.patch_size:
+            raise ValueError(f"latent size {height}x{width} is not a multiple of the patch size {p.patch_size}")
+        dtype = self.x_embedder.proj.weight.dtype
+        timestep = torch.as_tensor(timestep, device=x.device).reshape(-1).expand(batch)
+        image = self.x_embedder(x.to(dtype)) + self.cropped_pos_embed(height // p.patch_size, width // p.patch_size)
+        text = self.context_embedder(context.to(dtype))
+        step = StepInputs(self.conditioning(timestep, pooled.to(dtype)), text.shape[1], probe)
+        tokens = torch.cat([text, image], dim=1)
+        for index, block in enumerate(self.joint_blocks):
+            tokens = block_runner(index, block, tokens, step) if block_runner else block(tokens, step)
+        return self.unpatchify(self.final_layer(tokens[:, step.text_tokens:], step.c), height, width)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+def load_mmdit(path_or_checkpoint: str | Checkpoint, prefix: str | None = None, dtype: torch.dtype | None = None,
+               device: torch.device | str = "cpu", heads: int | None = None) -> MMDiT:
+    """Build an MMDiT from an SD3 / SD3.5 single file (it sits under `model.diffusion_model.` beside
+    the VAE and maybe the text encoders) or a diffusers `transformer/` folder.
+
+    heads: the number of attention heads, for models that break the releases' heads-of-64 rule
+    and carry neither qk-norm weights nor a config.json to read it from (small test models).
+    """
+    return load_model(path_or_checkpoint, mmdit_layout,
+                      lambda shapes, config: MMDiT(MMDiTParams.from_shapes(shapes, config, heads)),
+                      prefix=prefix, dtype=dtype, device=device)

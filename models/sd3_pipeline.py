@@ -1,0 +1,248 @@
+"""Stable Diffusion 3 (and 3.5), prompt to image: CLIP-L + CLIP-G + T5-XXL, the MMDiT sampler, the VAE.
+
+By default this reproduces diffusers' StableDiffusion3Pipeline, so the same seed gives the same
+image:
+- text: CLIP-L's and CLIP-G's penultimate hidden states (before the final LayerNorm, 77 tokens
+  each) side by side (768 + 1280 = 2048 features), zero-padded to 4096 features and followed
+  by T5-XXL's 256 token states: a [333, 4096] context. Pooled: CLIP-L's and CLIP-G's projected
+  EOS states side by side (2048); a CLIP-L without a stored projection (the single-file
+  release's) uses the identity, as diffusers does. No attention mask anywhere; without T5
+  weights its part of the context is zeros, as diffusers does then. The negative prompt ("" by
+  default) is encoded the same way;
+- the initial noise is `torch.randn` [B, 16, H/8, W/8] from a CPU generator, in the text
+  encoders' dtype;
+- flow-matching Euler over diffusers' sigmas with the scheduler's shift (3.0); the model gets
+  timestep = sigma * 1000 and predicts the velocity noise - data directly;
+- CFG uncond + s (cond - uncond) on every channel, scale 7.0, 28 steps. The batch is [cond,
+  uncond] (diffusers stacks [uncond, cond]; each sample is computed alone, so the numbers are
+  the same, and AccelAes finds the conditional rows first as on every backbone);
+- decoding z / 1.5305 + 0.0609 (the VAE config's scaling and shift factors), the VAE in fp32.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import Checkpoint, CheckpointError
+from .clip import CLIPTextModel, CLIPTokenizer, load_clip
+from .mmdit import MMDiT, load_mmdit
+from .sampling import FlowMatchSchedule, sample_flow
+from .t5 import T5Encoder, T5Tokenizer, load_t5
+from .vae import AutoencoderKL, load_vae
+
+SD3_VAE_SCALE, SD3_VAE_SHIFT = 1.5305, 0.0609
+T5_WIDTH = 4096
+
+
+@dataclass
+class SD3Settings:
+    """What shapes one generation; the defaults are diffusers' StableDiffusion3Pipeline's."""
+    steps: int = 28
+    guidance: float = 7.0          # CFG scale; <= 1 runs the conditional branch alone
+    max_t5_tokens: int = 256
+    shift: float | None = None     # None: the scheduler config's (3.0 for the releases)
+
+
+@dataclass
+class SD3Conditioning:
+    context: torch.Tensor      # [B or 2B, 77 + T5 tokens, 4096]: prompts first, then negative prompts
+    pooled: torch.Tensor       # [B or 2B, 2048]
+
+
+class SD3Pipeline:
+    """The released components of SD3 / SD3.5 and the loop that turns noise into an image."""
+
+    def __init__(self, transformer: MMDiT, clip_l: CLIPTextModel, clip_g: CLIPTextModel, t5: T5Encoder | None,
+                 clip_l_tokenizer: CLIPTokenizer, clip_g_tokenizer: CLIPTokenizer, t5_tokenizer: T5Tokenizer,
+                 vae: AutoencoderKL, schedule: FlowMatchSchedule, vae_scale: float = SD3_VAE_SCALE,
+                 vae_shift: float = SD3_VAE_SHIFT):
+        self.transformer, self.clip_l, self.clip_g, self.t5 = transformer, clip_l, clip_g, t5
+        self.clip_l_tokenizer, self.clip_g_tokenizer, self.t5_tokenizer = clip_l_tokenizer, clip_g_tokenizer, t5_tokenizer
+        self.vae, self.schedule, self.vae_scale, self.vae_shift = vae, schedule, vae_scale, vae_shift
+
+    # ---- loading -------------------------------------------------------------------------
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, dtype: torch.dtype = torch.float16,
+                    device: str | torch.device = "cpu") -> "SD3Pipeline":
+        """The diffusers layout, or the single files of the release; see weights.md for both."""
+        folder = Path(folder)
+        load = dict(dtype=dtype, device=device)
+        for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+            if not (folder / name).is_dir():
+                raise CheckpointError(f"{folder} has no {name}/ folder (the CLIP-L, CLIP-G and T5 tokenizers): "
+                                      "download it from the model's repository, see weights.md")
+        tokenizers = (CLIPTokenizer.from_folder(folder / "tokenizer"),
+                      CLIPTokenizer.from_folder(folder / "tokenizer_2"), T5Tokenizer(folder / "tokenizer_3"))
+        if (folder / "transformer").is_dir():
+            for name in ("text_encoder", "text_encoder_2", "vae"):
+                if not (folder / name).is_dir():
+                    raise CheckpointError(f"{folder} has no {name}/ folder: see weights.md for what SD3 needs")
+            transformer = load_mmdit(folder / "transformer", **load)
+            clip_l, clip_g = load_clip(folder / "text_encoder", **load), load_clip(folder / "text_encoder_2", **load)
+            t5 = load_t5(folder / "text_encoder_3", **load) if (folder / "text_encoder_3").is_dir() else None
+            vae_path = folder / "vae"
+            vae = load_vae(vae_path, dtype=torch.float32, device=device)
+        else:
+            transformer, clip_l, clip_g, t5, vae = cls._load_single_files(folder, load)
+            vae_path = folder / "vae"
+        scheduler_config = folder / "scheduler" / "scheduler_config.json"
+        schedule = (FlowMatchSchedule.from_config(json.loads(scheduler_config.read_text()))
+                    if scheduler_config.is_file() else FlowMatchSchedule(shift=3.0))
+        vae_config = json.loads((vae_path / "config.json").read_text()) if (vae_path / "config.json").is_file() else {}
+        return cls(transformer, clip_l, clip_g, t5, *tokenizers, vae, schedule,
+                   vae_scale=vae_config.get("scaling_factor", SD3_VAE_SCALE),
+                   vae_shift=vae_config.get("shift_factor", SD3_VAE_SHIFT))
+
+    @staticmethod
+    def _load_single_files(folder: Path, load: dict):
+        """sd3*.safetensors (MMDiT + VAE, maybe the text encoders) beside text_encoders/*.safetensors."""
+        mains = sorted(folder.glob("sd3*.safetensors"), key=lambda p: len(p.name))
+        if not mains:
+            raise CheckpointError(f"{folder} holds neither the diffusers layout (transformer/, text_encoder*/, "
+                                  "vae/) nor a single-file sd3*.safetensors: see weights.md")
+        main = Checkpoint(mains[0])
+        transformer = load_mmdit(main, prefix="model.diffusion_model.", **load)
+        vae = load_vae(main, prefix="first_stage_model.", dtype=torch.float32, device=load["device"])
+
+        def text_encoder(name: str, files: tuple[str, ...], loader):
+            for file in files:
+                if (folder / "text_encoders" / file).is_file():
+                    return loader(folder / "text_encoders" / file, **load)
+            prefix = f"text_encoders.{name}.transformer."
+            if any(key.startswith(prefix) for key in main.keys()):
+                return loader(main, prefix=prefix, **load)
+            return None
+
+        clip_l = text_encoder("clip_l", ("clip_l.safetensors",), load_clip)
+        clip_g = text_encoder("clip_g", ("clip_g.safetensors",), load_clip)
+        t5 = text_encoder("t5xxl", ("t5xxl_fp16.safetensors", "t5xxl_fp8_e4m3fn.safetensors",
+                                    "t5xxl.safetensors"), load_t5)
+        if clip_l is None or clip_g is None:
+            raise CheckpointError(f"{folder} has no CLIP-L / CLIP-G weights: download text_encoders/clip_l.safetensors "
+                                  "and clip_g.safetensors, or an sd3*_incl_clips*.safetensors file (weights.md)")
+        return transformer, clip_l, clip_g, t5, vae
+
+    # ---- the steps of a generation ---------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.context_embedder.weight.device
+
+    def encode_prompts(self, prompts: list[str], negative_prompts: list[str] | None,
+                       max_t5_tokens: int = 256) -> SD3Conditioning:
+        texts = prompts + (negative_prompts or [])
+        dtype = self.clip_l.embeddings.token_embedding.weight.dtype
+        with torch.no_grad():
+            clip_l = self.clip_l(self.clip_l_tokenizer(texts).to(self.device))
+            clip_g = self.clip_g(self.clip_g_tokenizer(texts).to(self.device))
+            t5_ids, _ = self.t5_tokenizer(texts, max_length=max_t5_tokens)
+            t5_ids = t5_ids.to(self.device)
+            if self.t5 is not None:
+                t5_states = self.t5(t5_ids)
+            else:  # diffusers without text_encoder_3: zeros in T5's place
+                t5_states = torch.zeros(len(texts), max_t5_tokens, T5_WIDTH, device=self.device, dtype=dtype)
+        clip_states = torch.cat([clip_l.hidden_states[-2], clip_g.hidden_states[-2].to(dtype)], dim=-1)
+        clip_states = F.pad(clip_states, (0, t5_states.shape[-1] - clip_states.shape[-1]))
+        context = torch.cat([clip_states, t5_states.to(dtype)], dim=1)
+        pooled = torch.cat([clip_l.pooled_projected, clip_g.pooled_projected.to(dtype)], dim=-1)
+        return SD3Conditioning(context, pooled)
+
+    def initial_noise(self, batch: int, height: int, width: int, seed: int, dtype: torch.dtype) -> torch.Tensor:
+        generator = torch.Generator("cpu").manual_seed(seed)
+        shape = (batch, self.transformer.params.in_channels, height // self.vae.downscale, width // self.vae.downscale)
+        return torch.randn(shape, generator=generator, dtype=dtype).to(self.device)
+
+    def velocity(self, latents: torch.Tensor, timestep: torch.Tensor, text: SD3Conditioning,
+                 settings: SD3Settings, *, guidance: float | torch.Tensor | None = None, probe=None,
+                 block_runner=None) -> torch.Tensor:
+        """One guided evaluation at timestep = sigma * 1000: the velocity noise - data."""
+        guided = settings.guidance > 1
+        scale = settings.guidance if guidance is None else guidance
+        model_input = torch.cat([latents, latents]) if guided else latents
+        with torch.no_grad():
+            prediction = self.transformer(model_input, timestep.expand(model_input.shape[0]).to(self.device),
+                                          text.context, text.pooled, probe=probe, block_runner=block_runner)
+        if guided:
+            cond, uncond = prediction.chunk(2)
+            if torch.is_tensor(scale):
+                scale = scale.to(cond.device, cond.dtype)
+            prediction = uncond + scale * (cond - uncond)
+        return prediction
+
+    def sigmas(self, settings: SD3Settings) -> torch.Tensor:
+        schedule = self.schedule
+        if settings.shift is not None:
+            schedule = FlowMatchSchedule(**{**schedule.__dict__, "shift": settings.shift})
+        if schedule.use_dynamic_shifting:  # SD3.5 configs may shift with the image size
+            raise CheckpointError("this scheduler_config.json shifts with the image size, which SD3 here does not "
+                                  "implement; pass --shift")
+        return schedule.sigmas(settings.steps)
+
+    def prompt_segments(self, prompts: list[str], t5_tokens: int) -> list[tuple[list[list[str | None]], str]]:
+        """What AesMask reads: the token text at each context position of the prompts, CLIP's 77
+        (the same words for CLIP-L and CLIP-G, side by side) then T5's; None for start, end and
+        padding positions."""
+        clip_length = self.clip_l_tokenizer.max_length
+        clip, t5 = [], []
+        for prompt in prompts:
+            pieces = self.clip_l_tokenizer.tokens(prompt)[1:-1]          # without start / end of text
+            clip.append([None, *pieces, *[None] * (clip_length - 1 - len(pieces))])
+            pieces = self.t5_tokenizer.tokens(prompt, t5_tokens)[:-1]    # without </s>
+            t5.append([*pieces, *[None] * (t5_tokens - len(pieces))])
+        return [(clip, "bpe"), (t5, "sentencepiece")]
+
+    def prepare(self, prompts: list[str], negative_prompts: list[str] | None, *, seed: int, height: int,
+                width: int, settings: SD3Settings, accelerator=None) -> tuple[SD3Conditioning, torch.Tensor]:
+        check_size(height, width)
+        if settings.guidance > 1 and negative_prompts is None:
+            negative_prompts = [""] * len(prompts)
+        if settings.guidance <= 1:
+            negative_prompts = None
+        text = self.encode_prompts(prompts, negative_prompts, settings.max_t5_tokens)
+        noise = self.initial_noise(len(prompts), height, width, seed, text.context.dtype)
+        if accelerator is not None:
+            patch = self.transformer.params.patch_size
+            accelerator.start(segments=self.prompt_segments(prompts, settings.max_t5_tokens),
+                              grid=(noise.shape[2] // patch, noise.shape[3] // patch),
+                              latent_size=tuple(noise.shape[2:]), steps=settings.steps,
+                              guided=settings.guidance > 1, text_tokens=text.context.shape[1])
+        return text, noise
+
+    def denoise(self, noise: torch.Tensor, text: SD3Conditioning, settings: SD3Settings,
+                progress: Callable[[int, int], None] | None = None, accelerator=None) -> torch.Tensor:
+        return sample_flow(noise, self.sigmas(settings), partial(self.velocity, text=text, settings=settings),
+                           num_train_timesteps=self.schedule.num_train_timesteps, accelerator=accelerator,
+                           progress=progress)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents to images in [0, 1], [B, 3, H, W], float32."""
+        with torch.no_grad():
+            images = self.vae.decode((latents / self.vae_scale + self.vae_shift).to(torch.float32))
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    def generate(self, prompts: list[str], negative_prompts: list[str] | None = None, *, seed: int = 0,
+                 height: int = 1024, width: int = 1024, settings: SD3Settings | None = None,
+                 progress: Callable[[int, int], None] | None = None,
+                 accelerator=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(final latents, images in [0, 1]) for a batch of prompts."""
+        settings = settings or SD3Settings()
+        text, noise = self.prepare(prompts, negative_prompts, seed=seed, height=height, width=width,
+                                   settings=settings, accelerator=accelerator)
+        latents = self.denoise(noise, text, settings, progress, accelerator)
+        return latents, self.decode(latents)
+
+
+def check_size(height: int, width: int) -> None:
+    """The MMDiT patches 2x2 latents of 8x8 pixels: each side must be a multiple of 16."""
+    for name, value in (("height", height), ("width", width)):
+        if value <= 0 or value % 16:
+            raise ValueError(f"{name} {value} is not a positive multiple of 16, which SD3 needs "
+                             f"(try {max(16, round(value / 16) * 16)})")
