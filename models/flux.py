@@ -1,0 +1,554 @@
+"""FLUX.1 [dev] / [schnell]: the rectified-flow transformer of Black Forest Labs.
+
+Written from the architecture notes in ../shared/reference/sd3_flux.md (sections 1 to 3) and
+checked number for number against diffusers' `FluxTransformer2DModel`, called the way its
+`FluxPipeline` calls it (tests/test_flux.py).
+
+Parameter names are the original BFL ones (`flux1-dev.safetensors`); the diffusers layout is
+renamed onto them by `flux_layout` in models/layouts.py.
+
+The model sees one sequence: T5 text tokens first, then image tokens (2x2 patches of the 16
+latent channels, "packed" to 64 features). Positions enter only through a 3-axis RoPE, from ids
+(0, row, col) for image tokens and zeros for text tokens. c = time_in(t) + guidance_in(g) +
+vector_in(pooled CLIP) conditions every block through adaLN (shift, scale, gate):
+
+    double block (19): text and image keep their own weights (txt_* / img_*), but attend jointly
+        h = LN(x) * (1 + scale1) + shift1 per stream, q/k/v = qkv(h), q, k = QKNorm(q, k)
+        o = attention over cat(text, image) with RoPE on q and k
+        x = x + gate1 * proj(o);  x = x + gate2 * mlp(LN(x) * (1 + scale2) + shift2)
+    single block (38): one stream, attention and MLP side by side from one fused linear
+        h = LN(x) * (1 + scale) + shift;  [q | k | v | u] = linear1(h)
+        x = x + gate * linear2(cat(attention(q, k, v), gelu_tanh(u)))
+    final layer: LN(image tokens) * (1 + scale) + shift -> linear to 64 packed features.
+
+Time runs from t = 1 (noise) to t = 0 (data) and the output is the velocity noise - data:
+x_t = t * noise + (1 - t) * data.
+
+For AccelAes, the text and image tokens stay in ONE tensor [B, L + N, D] through every block,
+and each block says what it adds to a subset of its rows (`increment(tokens, step, focus)`):
+queries, output projections and MLPs for the focus rows only, keys and values of all rows.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .attention import AttentionProbe, attention, merge_heads, split_heads
+from .checkpoint import Checkpoint, CheckpointError, load_model
+from .layouts import flux_layout
+
+# Sinusoids of the timestep and guidance embeddings; both scale their input by 1000 first.
+_TIME_FREQUENCIES = 256
+_TIME_FACTOR = 1000.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Hyper-parameters
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FluxParams:
+    """Sizes of a FLUX transformer. The defaults are FLUX.1 [dev]; [schnell] has guidance_embed=False."""
+    in_channels: int = 64          # 16 latent channels x 2x2 patch, packed (c, ph, pw)
+    out_channels: int = 64
+    hidden: int = 3072
+    heads: int = 24
+    depth: int = 19                # double-stream blocks
+    depth_single: int = 38         # single-stream blocks
+    context_dim: int = 4096        # T5-XXL width
+    vec_dim: int = 768             # CLIP-L pooled width
+    mlp_ratio: float = 4.0
+    axes_dim: tuple[int, ...] = (16, 56, 56)  # RoPE dims per id axis (unused, row, col); sums to head_dim
+    theta: int = 10000
+    guidance_embed: bool = True    # dev is guidance-distilled; schnell has no guidance_in
+    qkv_bias: bool = True
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.hidden * self.mlp_ratio)
+
+    @property
+    def blocks(self) -> int:
+        return self.depth + self.depth_single
+
+    @classmethod
+    def from_shapes(cls, shapes: dict[str, tuple[int, ...]], config: dict | None = None,
+                    axes_dim: tuple[int, ...] | None = None) -> "FluxParams":
+        """Infer the sizes from the tensor shapes of a checkpoint (in OUR parameter names).
+
+        Everything is readable from the shapes, the head size included (the QKNorm scales are
+        [head_dim]), except how the head splits over the three RoPE axes. That comes from, in
+        order: `axes_dim` given here, a diffusers config.json (`axes_dims_rope`), or the
+        release's (16, 56, 56) when the head size is its 128. A config.json's other entries are
+        cross-checked against the shapes.
+        """
+        config = config or {}
+
+        def shape(name: str) -> tuple[int, ...]:
+            if name not in shapes:
+                raise CheckpointError(f"the checkpoint has no {name}: it is not a complete FLUX transformer")
+            return tuple(shapes[name])
+
+        def agree(what: str, from_shapes, key: str) -> None:
+            if config.get(key) is not None and config[key] != from_shapes:
+                raise CheckpointError(f"config.json says {key}={config[key]} but the weights have {what} "
+                                      f"{from_shapes}: the config belongs to another model")
+
+        def count(kind: str) -> int:
+            return 1 + max((int(m.group(1)) for name in shapes
+                            if (m := re.match(kind + r"\.(\d+)\.", name))), default=-1)
+
+        hidden, in_channels = shape("img_in.weight")
+        agree("in_channels", in_channels, "in_channels")
+        depth, depth_single = count("double_blocks"), count("single_blocks")
+        if depth + depth_single == 0:
+            raise CheckpointError("the checkpoint has no transformer blocks (double_blocks.N.*, single_blocks.N.*)")
+        agree("double blocks", depth, "num_layers")
+        agree("single blocks", depth_single, "num_single_layers")
+
+        if depth:
+            head_dim = shape("double_blocks.0.img_attn.norm.query_norm.scale")[0]
+            mlp_hidden = shape("double_blocks.0.img_mlp.0.weight")[0]
+        else:
+            head_dim = shape("single_blocks.0.norm.query_norm.scale")[0]
+            mlp_hidden = shape("single_blocks.0.linear2.weight")[1] - hidden
+        heads, rest = divmod(hidden, head_dim)
+        if rest:
+            raise CheckpointError(f"width {hidden} is not a whole number of heads of size {head_dim}")
+        agree("head size", head_dim, "attention_head_dim")
+        agree("attention heads", heads, "num_attention_heads")
+        mlp_ratio = mlp_hidden / hidden
+        if int(hidden * mlp_ratio) != mlp_hidden:
+            raise CheckpointError(f"MLP width {mlp_hidden} is not a ratio of the width {hidden} this code can rebuild")
+
+        context_dim = shape("txt_in.weight")[1]
+        agree("text width", context_dim, "joint_attention_dim")
+        vec_dim = shape("vector_in.in_layer.weight")[1]
+        agree("pooled text width", vec_dim, "pooled_projection_dim")
+        guidance_embed = "guidance_in.in_layer.weight" in shapes
+        agree("guidance embedding", guidance_embed, "guidance_embeds")
+
+        if axes_dim is None and config.get("axes_dims_rope") is not None:
+            axes_dim = tuple(config["axes_dims_rope"])
+        if axes_dim is None:
+            axes_dim = cls.axes_dim
+            if sum(axes_dim) != head_dim:
+                raise CheckpointError(
+                    f"the head size is {head_dim}, not the release's {sum(cls.axes_dim)}, and nothing says how it "
+                    "splits over the three RoPE axes: load it from a diffusers folder whose config.json has "
+                    "axes_dims_rope, or pass axes_dim")
+        axes_dim = tuple(int(d) for d in axes_dim)
+        if sum(axes_dim) != head_dim or any(d % 2 for d in axes_dim):
+            raise CheckpointError(f"RoPE axes {axes_dim} must be even and sum to the head size {head_dim}")
+
+        return cls(in_channels=in_channels, out_channels=shape("final_layer.linear.weight")[0], hidden=hidden,
+                   heads=heads, depth=depth, depth_single=depth_single, context_dim=context_dim, vec_dim=vec_dim,
+                   mlp_ratio=mlp_ratio, axes_dim=axes_dim, guidance_embed=guidance_embed,
+                   qkv_bias=("double_blocks.0.img_attn.qkv.bias" in shapes) if depth else True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Latent packing and position ids (as FluxPipeline prepares them)
+# ---------------------------------------------------------------------------------------------
+
+def pack(latents: Tensor) -> Tensor:
+    """[B, C, H, W] latents -> [B, (H/2)(W/2), 4C] tokens: 2x2 patches, row-major, features (c, ph, pw)."""
+    b, c, height, width = latents.shape
+    if height % 2 or width % 2:
+        raise ValueError(f"latent size {height}x{width} must be even: FLUX packs 2x2 patches")
+    x = latents.view(b, c, height // 2, 2, width // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (height // 2) * (width // 2), c * 4)
+
+
+def unpack(tokens: Tensor, height: int, width: int) -> Tensor:
+    """The inverse of `pack`: [B, (H/2)(W/2), 4C] -> [B, C, H, W], with H, W the LATENT size."""
+    b, n, features = tokens.shape
+    if n != (height // 2) * (width // 2):
+        raise ValueError(f"{n} tokens do not tile a {height}x{width} latent in 2x2 patches")
+    x = tokens.view(b, height // 2, width // 2, features // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, features // 4, height, width)
+
+
+def image_ids(height: int, width: int, device: torch.device | str | None = None,
+              dtype: torch.dtype = torch.float32) -> Tensor:
+    """[h*w, 3] ids (0, row, col) of the packed token grid (h, w = latent size / 2), row-major."""
+    rows = torch.arange(height, device=device)[:, None].expand(height, width)
+    cols = torch.arange(width, device=device)[None, :].expand(height, width)
+    ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1)
+    return ids.reshape(height * width, 3).to(dtype)
+
+
+def text_ids(length: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
+    """[L, 3] zeros: every text token sits at position (0, 0, 0), so RoPE leaves it unturned."""
+    return torch.zeros(length, 3, device=device, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Embeddings: timestep sinusoids and RoPE
+# ---------------------------------------------------------------------------------------------
+
+def timestep_embedding(t: Tensor, dim: int = _TIME_FREQUENCIES, max_period: float = 10000.0) -> Tensor:
+    """[B] values -> [B, dim] fp32 sinusoids ordered [cos | sin], frequencies max_period^(-i/(dim/2))."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([args.cos(), args.sin()], dim=-1)
+
+
+def rope_tables(ids: Tensor, axes_dim: tuple[int, ...], theta: float = 10000.0) -> tuple[Tensor, Tensor]:
+    """cos and sin [S, sum(axes_dim)/2] fp32 of the multi-axis RoPE for ids [S, n_axes].
+
+    Axis a turns axes_dim[a]/2 pairs at frequencies theta^(-2i/axes_dim[a]) times ids[:, a];
+    the axes' pairs follow each other. The angles are computed in float64, as diffusers and
+    BFL's first release do (in fp32, as BFL's code does now, cos and sin of a 128x128 grid move
+    by up to 7e-6), except on MPS, which has no float64.
+    """
+    dtype = torch.float32 if ids.device.type == "mps" else torch.float64
+    angles = []
+    for axis, dim in enumerate(axes_dim):
+        omega = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=dtype, device=ids.device) / dim)
+        angles.append(ids[:, axis].to(dtype)[:, None] * omega[None])
+    angles = torch.cat(angles, dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate adjacent pairs (x[2i], x[2i+1]) of x [B, H, S, D] by the angles of each token, in fp32.
+
+    cos, sin: [S, D/2], or [B, 1, S, D/2] when each sample has its own rows (focus tokens)."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    real, imag = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules
+# ---------------------------------------------------------------------------------------------
+
+class MLPEmbedder(nn.Module):
+    """in_layer -> SiLU -> out_layer: embeds the timestep, guidance and pooled-CLIP vectors."""
+
+    def __init__(self, in_dim: int, hidden: int):
+        super().__init__()
+        self.in_layer = nn.Linear(in_dim, hidden)
+        self.out_layer = nn.Linear(hidden, hidden)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out_layer(F.silu(self.in_layer(x)))
+
+
+class RMSNorm(nn.Module):
+    """Normalise in fp32, cast back to the input dtype, then multiply by the learnt `scale`."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.scale = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # The result stays in x's dtype even if the scale is wider (BFL casts q and k back likewise).
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.scale.type_as(x)
+
+
+class QKNorm(nn.Module):
+    """Per-head RMSNorm of queries and keys, each with its own learnt scale (applied before RoPE)."""
+
+    def __init__(self, head_dim: int):
+        super().__init__()
+        self.query_norm = RMSNorm(head_dim)
+        self.key_norm = RMSNorm(head_dim)
+
+
+class ModulationOut(NamedTuple):
+    """One adaLN triple, each [B, 1, D] (broadcast over tokens)."""
+    shift: Tensor
+    scale: Tensor
+    gate: Tensor
+
+    def modulate(self, x: Tensor) -> Tensor:
+        return (1 + self.scale) * x + self.shift
+
+
+class Modulation(nn.Module):
+    """lin(SiLU(vec)) split into one (shift, scale, gate) triple, or two for a double block."""
+
+    def __init__(self, dim: int, double: bool):
+        super().__init__()
+        self.triples = 2 if double else 1
+        self.lin = nn.Linear(dim, 3 * self.triples * dim)
+
+    def forward(self, vec: Tensor) -> tuple[ModulationOut, ...]:
+        chunks = self.lin(F.silu(vec))[:, None, :].chunk(3 * self.triples, dim=-1)
+        return tuple(ModulationOut(*chunks[3 * i: 3 * i + 3]) for i in range(self.triples))
+
+
+def _layer_norm(dim: int) -> nn.LayerNorm:
+    return nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+
+
+def _mlp(dim: int, hidden: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+
+
+def _rows(x: Tensor, index: Tensor) -> Tensor:
+    """x [B, N, D] at token indices [B, K] -> [B, K, D]."""
+    return x.gather(1, index[:, :, None].expand(-1, -1, x.shape[-1]))
+
+
+BlockRunner = Callable[[int, nn.Module, Tensor, "StepInputs"], Tensor]
+
+
+@dataclass
+class StepInputs:
+    """What every block of one forward shares."""
+    vec: Tensor                          # [B, hidden] conditioning vector (time, guidance, pooled CLIP)
+    text_tokens: int                     # L: rows 0..L-1 of the token tensor are text, the rest image
+    rope: tuple[Tensor, Tensor]          # cos, sin [L+N, head_dim/2] fp32, one row per token
+    probe: AttentionProbe | None = None  # shown every double block's image-to-text attention
+
+    def rope_rows(self, focus: Tensor | None) -> tuple[Tensor, Tensor]:
+        """The RoPE rows of the tokens listed in focus [B, F] ([B, 1, F, head_dim/2]), all rows if None."""
+        if focus is None:
+            return self.rope
+        return tuple(table[focus][:, None] for table in self.rope)
+
+
+class StreamAttention(nn.Module):
+    """One stream's attention weights in a double block: fused qkv ("(K H D)": q, k, v, each
+    head-major), QKNorm, output projection. The attention itself is joint, in the block."""
+
+    def __init__(self, dim: int, heads: int, qkv_bias: bool):
+        super().__init__()
+        self.heads, self.dim = heads, dim
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.norm = QKNorm(dim // heads)
+        self.proj = nn.Linear(dim, dim)
+
+    def _part(self, h: Tensor, begin: int, end: int) -> Tensor:
+        # Rows of the fused weight: a view, no copy, so q and k|v can be taken for different tokens.
+        bias = None if self.qkv.bias is None else self.qkv.bias[begin:end]
+        return F.linear(h, self.qkv.weight[begin:end], bias)
+
+    def queries(self, h: Tensor) -> Tensor:
+        """[B, Nq, D] modulated tokens -> normed q [B, heads, Nq, head_dim] (no RoPE yet)."""
+        return self.norm.query_norm(split_heads(self._part(h, 0, self.dim), self.heads))
+
+    def keys_values(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        """[B, N, D] modulated tokens -> normed k, v [B, heads, N, head_dim] (no RoPE yet)."""
+        k, v = self._part(h, self.dim, 3 * self.dim).chunk(2, dim=-1)
+        return self.norm.key_norm(split_heads(k, self.heads)), split_heads(v, self.heads)
+
+
+class DoubleStreamBlock(nn.Module):
+    """Text and image streams with their own weights, one joint attention over [text, image]."""
+
+    def __init__(self, p: FluxParams):
+        super().__init__()
+        self.img_mod = Modulation(p.hidden, double=True)
+        self.img_norm1 = _layer_norm(p.hidden)
+        self.img_attn = StreamAttention(p.hidden, p.heads, p.qkv_bias)
+        self.img_norm2 = _layer_norm(p.hidden)
+        self.img_mlp = _mlp(p.hidden, p.mlp_hidden)
+
+        self.txt_mod = Modulation(p.hidden, double=True)
+        self.txt_norm1 = _layer_norm(p.hidden)
+        self.txt_attn = StreamAttention(p.hidden, p.heads, p.qkv_bias)
+        self.txt_norm2 = _layer_norm(p.hidden)
+        self.txt_mlp = _mlp(p.hidden, p.mlp_hidden)
+
+    @staticmethod
+    def _stream_increment(x: Tensor, o: Tensor, mods: tuple[ModulationOut, ModulationOut], attn: StreamAttention,
+                          norm2: nn.LayerNorm, mlp: nn.Sequential) -> Tensor:
+        """gate1 * proj(o), then the gated MLP of the attended rows: what one stream adds to x's rows."""
+        attn_mod, mlp_mod = mods
+        attended = attn_mod.gate * attn.proj(o)
+        return attended + mlp_mod.gate * mlp(mlp_mod.modulate(norm2(x + attended)))
+
+    def increment(self, tokens: Tensor, step: StepInputs, focus: Tensor | None = None) -> Tensor:
+        """What the block adds to the rows of tokens [B, L+N, D] listed in focus [B, F] ([B, F, D]),
+        every row when focus is None. focus lists all text rows 0..L-1 first, then image rows.
+
+        Queries, output projections and MLPs run for the focus rows (text rows with the txt_*
+        weights, image rows with the img_* ones); keys and values come from every token, so the
+        result is exactly those rows of the dense block (AccelAes paper Eq. 9-10).
+        """
+        L = step.text_tokens
+        txt, img = tokens[:, :L], tokens[:, L:]
+        txt_mods, img_mods = self.txt_mod(step.vec), self.img_mod(step.vec)
+        txt_h = txt_mods[0].modulate(self.txt_norm1(txt))
+        img_h = img_mods[0].modulate(self.img_norm1(img))
+
+        txt_k, txt_v = self.txt_attn.keys_values(txt_h)
+        img_k, img_v = self.img_attn.keys_values(img_h)
+        k = apply_rope(torch.cat([txt_k, img_k], dim=2), *step.rope)
+        v = torch.cat([txt_v, img_v], dim=2)
+
+        if focus is not None:
+            img_rows = focus[:, L:] - L                 # focus' image rows, as rows of img
+            img, img_h = _rows(img, img_rows), _rows(img_h, img_rows)
+        q = torch.cat([self.txt_attn.queries(txt_h), self.img_attn.queries(img_h)], dim=2)
+        q = apply_rope(q, *step.rope_rows(focus))
+        # The probe sees the image queries against the (T5) text keys, softmax over the text alone.
+        o = merge_heads(attention(q, k, v, probe=step.probe, probe_span=(slice(L, None), slice(0, L))))
+
+        txt_inc = self._stream_increment(txt, o[:, :L], txt_mods, self.txt_attn, self.txt_norm2, self.txt_mlp)
+        img_inc = self._stream_increment(img, o[:, L:], img_mods, self.img_attn, self.img_norm2, self.img_mlp)
+        return torch.cat([txt_inc, img_inc], dim=1)
+
+    def forward(self, tokens: Tensor, step: StepInputs) -> Tensor:
+        return tokens + self.increment(tokens, step)
+
+
+class SingleStreamBlock(nn.Module):
+    """One stream over [text, image]: attention and MLP in parallel from the fused linear1
+    ([q | k | v | mlp] rows), joined again by linear2, with one gated residual."""
+
+    def __init__(self, p: FluxParams):
+        super().__init__()
+        self.hidden, self.heads, self.mlp_hidden = p.hidden, p.heads, p.mlp_hidden
+        self.linear1 = nn.Linear(p.hidden, 3 * p.hidden + p.mlp_hidden)
+        self.linear2 = nn.Linear(p.hidden + p.mlp_hidden, p.hidden)
+        self.norm = QKNorm(p.head_dim)
+        self.pre_norm = _layer_norm(p.hidden)
+        self.mlp_act = nn.GELU(approximate="tanh")
+        self.modulation = Modulation(p.hidden, double=False)
+
+    def _part(self, h: Tensor, begin: int, end: int) -> Tensor:
+        return F.linear(h, self.linear1.weight[begin:end], self.linear1.bias[begin:end])
+
+    def increment(self, tokens: Tensor, step: StepInputs, focus: Tensor | None = None) -> Tensor:
+        """What the block adds to the rows of tokens [B, L+N, D] listed in focus [B, F] ([B, F, D]),
+        every row when focus is None.
+
+        linear1 is applied in three row-slices of its weight (views, nothing copied): q and the
+        MLP input for the focus rows only, k and v for every token. So the background rows cost
+        only their k|v projection, and the result is exactly those rows of the dense block.
+        """
+        D = self.hidden
+        (mod,) = self.modulation(step.vec)
+        h = mod.modulate(self.pre_norm(tokens))
+        h_focus = h if focus is None else _rows(h, focus)
+
+        k, v = self._part(h, D, 3 * D).chunk(2, dim=-1)
+        k, v = split_heads(k, self.heads), split_heads(v, self.heads)
+        k = apply_rope(self.norm.key_norm(k), *step.rope)
+        q = self.norm.query_norm(split_heads(self._part(h_focus, 0, D), self.heads))
+        q = apply_rope(q, *step.rope_rows(focus))
+        o = merge_heads(attention(q, k, v))
+
+        mlp = self.mlp_act(self._part(h_focus, 3 * D, 3 * D + self.mlp_hidden))
+        return mod.gate * self.linear2(torch.cat([o, mlp], dim=-1))
+
+    def forward(self, tokens: Tensor, step: StepInputs) -> Tensor:
+        return tokens + self.increment(tokens, step)
+
+
+class LastLayer(nn.Module):
+    """adaLN (shift, scale) -> LayerNorm (no affine) -> linear to the packed latent features."""
+
+    def __init__(self, hidden: int, out_channels: int):
+        super().__init__()
+        self.norm_final = _layer_norm(hidden)
+        self.linear = nn.Linear(hidden, out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
+
+    def forward(self, x: Tensor, vec: Tensor) -> Tensor:
+        shift, scale = self.adaLN_modulation(vec)[:, None, :].chunk(2, dim=-1)
+        return self.linear((1 + scale) * self.norm_final(x) + shift)
+
+
+class Flux(nn.Module):
+    """The FLUX.1 denoiser: velocity (noise - data) of packed latents at time t (1 = noise, 0 = data)."""
+
+    def __init__(self, params: FluxParams = FluxParams()):
+        super().__init__()
+        p = self.params = params
+        if p.hidden % p.heads or sum(p.axes_dim) != p.head_dim:
+            raise ValueError(f"width {p.hidden} over {p.heads} heads must give a head size equal to "
+                             f"sum(axes_dim) = {sum(p.axes_dim)}")
+        self.img_in = nn.Linear(p.in_channels, p.hidden)
+        self.time_in = MLPEmbedder(_TIME_FREQUENCIES, p.hidden)
+        self.vector_in = MLPEmbedder(p.vec_dim, p.hidden)
+        self.guidance_in = MLPEmbedder(_TIME_FREQUENCIES, p.hidden) if p.guidance_embed else None
+        self.txt_in = nn.Linear(p.context_dim, p.hidden)
+        self.double_blocks = nn.ModuleList(DoubleStreamBlock(p) for _ in range(p.depth))
+        self.single_blocks = nn.ModuleList(SingleStreamBlock(p) for _ in range(p.depth_single))
+        self.final_layer = LastLayer(p.hidden, p.out_channels)
+
+    def blocks(self) -> list[nn.Module]:
+        """Every block in order: double blocks, then single blocks (the block_runner's index)."""
+        return [*self.double_blocks, *self.single_blocks]
+
+    def conditioning(self, timesteps: Tensor, y: Tensor, guidance: Tensor | None) -> Tensor:
+        """vec = time_in(t*1000) [+ guidance_in(g*1000)] + vector_in(pooled CLIP), [B, hidden]."""
+        dtype = self.img_in.weight.dtype
+        # t and g are cast to the model's dtype before the x1000, as BFL and diffusers both do.
+        vec = self.time_in(timestep_embedding(timesteps.to(dtype) * _TIME_FACTOR).to(dtype))
+        if self.params.guidance_embed:
+            if guidance is None:
+                raise ValueError("this FLUX model is guidance-distilled ([dev]): pass guidance, e.g. 3.5")
+            vec = vec + self.guidance_in(timestep_embedding(guidance.to(dtype) * _TIME_FACTOR).to(dtype))
+        # [schnell] has no guidance embedding: a guidance given to it is ignored, as in BFL's code.
+        return vec + self.vector_in(y.to(dtype))
+
+    def step_inputs(self, timesteps: Tensor, y: Tensor, guidance: Tensor | None, txt_ids: Tensor,
+                    img_ids: Tensor, probe: AttentionProbe | None = None) -> StepInputs:
+        """Everything the blocks share in one forward."""
+        for name, ids in (("txt_ids", txt_ids), ("img_ids", img_ids)):
+            if ids.dim() != 2 or ids.shape[1] != len(self.params.axes_dim):
+                raise ValueError(f"{name} has shape {tuple(ids.shape)}; pass one [tokens, "
+                                 f"{len(self.params.axes_dim)}] set of ids, shared by the batch")
+        rope = rope_tables(torch.cat([txt_ids, img_ids]), self.params.axes_dim, self.params.theta)
+        return StepInputs(self.conditioning(timesteps, y, guidance), txt_ids.shape[0], rope, probe)
+
+    def forward(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor | float,
+                y: Tensor, guidance: Tensor | float | None = None, *, probe: AttentionProbe | None = None,
+                block_runner: BlockRunner | None = None) -> Tensor:
+        """Predict the velocity [B, N, out_channels] of packed latents img [B, N, in_channels].
+
+        img_ids [N, 3] (`image_ids` of the packed grid), txt [B, L, context_dim] T5 features,
+        txt_ids [L, 3] (zeros), timesteps [B] (or a float) in [0, 1] with 1 = noise, y [B, vec_dim]
+        pooled CLIP, guidance [B] (or a float; [dev] only, e.g. 3.5: it is embedded as g*1000).
+
+        probe: shown every double block's image-to-text attention. block_runner(index, block,
+        tokens, step) -> tokens, if given, runs each block (index over double blocks, then single
+        blocks) instead of block(tokens, step): AccelAes' sparse path, built on the block's
+        `increment(tokens, step, focus)`.
+        """
+        batch = img.shape[0]
+        dtype = self.img_in.weight.dtype
+        timesteps = torch.as_tensor(timesteps, device=img.device).reshape(-1).expand(batch)
+        if guidance is not None:
+            guidance = torch.as_tensor(guidance, device=img.device).reshape(-1).expand(batch)
+        step = self.step_inputs(timesteps, y, guidance, txt_ids, img_ids, probe)
+        tokens = torch.cat([self.txt_in(txt.to(dtype)), self.img_in(img.to(dtype))], dim=1)
+        for index, block in enumerate(self.blocks()):
+            tokens = block_runner(index, block, tokens, step) if block_runner else block(tokens, step)
+        return self.final_layer(tokens[:, step.text_tokens:], step.vec)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+def load_flux(path_or_checkpoint: str | Checkpoint, prefix: str | None = None, dtype: torch.dtype | None = None,
+              device: torch.device | str = "cpu", *, axes_dim: tuple[int, ...] | None = None) -> Flux:
+    """Build FLUX from `flux1-{dev,schnell}.safetensors` (no prefix, or `model.diffusion_model.`) or
+    a diffusers `transformer/` folder. axes_dim: the RoPE split of a head, for an original-layout
+    file whose head size is not the release's 128 (the file cannot say; a diffusers config can)."""
+    return load_model(path_or_checkpoint, flux_layout,
+                      lambda shapes, config: Flux(FluxParams.from_shapes(shapes, config, axes_dim=axes_dim)),
+                      prefix=prefix, dtype=dtype, device=device)
