@@ -378,6 +378,30 @@ class SkipSparse:
         return out.scatter_(1, self.background[:, :, None].expand_as(background), background)
 
 
+def sparse_flop_ratio(forward: Callable[[SkipSparse], object], grid: tuple[int, int], skip_ratio: float,
+                      text_tokens: int = 0, batch: int = 2) -> float:
+    """Matmul FLOPs of a sparse evaluation over a dense one, as torch's FlopCounterMode counts them.
+
+    forward(block_runner) runs one evaluation of the model (on the meta device it costs nothing:
+    only shapes are computed). The focus set is an arbitrary one of the budget's size, with the
+    first `text_tokens` of the blocks' sequence in it, as AccelAes builds it.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    runner = SkipSparse()
+    with FlopCounterMode(display=False) as dense:
+        forward(runner)
+    mask = build_focus_mask(torch.arange(grid[0] * grid[1], dtype=torch.float32)[None], grid, skip_ratio)
+    device = next(iter(runner.increments.values())).device
+    text = torch.arange(text_tokens).expand(batch, -1)
+    runner.set_focus(torch.cat([text, mask.focus.expand(batch, -1) + text_tokens], dim=1).to(device),
+                     (mask.background.expand(batch, -1) + text_tokens).to(device))
+    runner.dense = False
+    with FlopCounterMode(display=False) as sparse:
+        forward(runner)
+    return sparse.get_total_flops() / dense.get_total_flops()
+
+
 def spatial_guidance(soft: torch.Tensor, grid: tuple[int, int], latent_size: tuple[int, int],
                      fg: float, bg: float) -> torch.Tensor:
     """Eq. 11: s = s_bg + m (s_fg - s_bg) per latent position, m upsampled from the token grid.

@@ -11,7 +11,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from accelaes import (ANCHORS, AccelAes, AccelAesConfig, AestheticScorer, CrossAttentionRecorder, SkipSparse,
-                      build_focus_mask, computed_steps, extrapolate, load_anchors, spatial_guidance, word_ids)
+                      build_focus_mask, computed_steps, extrapolate, load_anchors, sparse_flop_ratio,
+                      spatial_guidance, word_ids)
 from models.clip import CLIPTokenizer
 from models.gemma import GemmaTokenizer
 from models.lumina_next import NextDiT, NextDiTParams, apply_rope
@@ -114,22 +115,35 @@ def test_focus_rows_equal_attention_by_hand(model):
 
 
 def test_sparse_evaluation_does_at_most_60_percent_of_the_flops():
-    """Real Lumina-Next widths (2304, 32 heads, 8 KV heads), 1024 image tokens, CFG batch, on the
-    meta device so only shapes are computed."""
+    """Real Lumina-Next widths (2304, 32 heads, 8 KV heads), 512x512 = 1024 image tokens, CFG batch,
+    on the meta device so only shapes are computed."""
     with torch.device("meta"):
         dit = NextDiT(NextDiTParams(layers=2))
         x, t = torch.randn(2, 4, 64, 64), torch.full((2,), 0.5)
         feats, mask = torch.randn(2, 128, 2048), torch.ones(2, 128, dtype=torch.bool)
-        runner = SkipSparse()
-        with FlopCounterMode(display=False) as dense:
-            dit(x, t, feats, mask, block_runner=runner)
-    focus_mask = build_focus_mask(torch.randn(1, 1024), (32, 32), skip_ratio=0.5)
-    runner.set_focus(focus_mask.focus.repeat(2, 1).to("meta"), focus_mask.background.repeat(2, 1).to("meta"))
-    runner.dense = False
-    with torch.device("meta"), FlopCounterMode(display=False) as sparse:
-        dit(x, t, feats, mask, block_runner=runner)
-    ratio = sparse.get_total_flops() / dense.get_total_flops()
+        ratio = sparse_flop_ratio(lambda runner: dit(x, t, feats, mask, block_runner=runner), (32, 32), 0.5)
     assert 0.45 < ratio <= 0.60, ratio
+
+
+def test_joint_attention_sparse_evaluations_do_at_most_75_percent_of_the_flops():
+    """SD3-Medium (1536 wide, 333 text tokens) and FLUX (3072 wide, 512 T5 tokens) at 512x512: the
+    text tokens stay computed, so a sparse evaluation saves less than on Lumina-Next."""
+    from models.flux import Flux, FluxParams, image_ids
+    from models.mmdit import MMDiT, MMDiTParams
+    with torch.device("meta"):
+        sd3 = MMDiT(MMDiTParams(depth=2))
+        x, t, context, pooled = torch.randn(2, 16, 64, 64), torch.full((2,), 500.0), torch.randn(2, 333, 4096), \
+            torch.randn(2, 2048)
+        sd3_ratio = sparse_flop_ratio(lambda runner: sd3(x, t, context, pooled, block_runner=runner), (32, 32),
+                                      0.5, text_tokens=333)
+        flux = Flux(FluxParams(depth=1, depth_single=2))
+        img, txt = torch.randn(1, 1024, 64), torch.randn(1, 512, 4096)
+        flux_args = (img, image_ids(32, 32), txt, torch.zeros(512, 3), torch.full((1,), 0.5), torch.randn(1, 768),
+                     torch.full((1,), 3.5))
+        flux_ratio = sparse_flop_ratio(lambda runner: flux(*flux_args, block_runner=runner), (32, 32), 0.5,
+                                       text_tokens=512, batch=1)
+    assert 0.55 < sd3_ratio <= 0.75, sd3_ratio
+    assert 0.55 < flux_ratio <= 0.75, flux_ratio
 
 
 # ---------------------------------------------------------------------------------------------
