@@ -85,7 +85,7 @@ class AccelAesConfig:
         problems = []
         if not 0 < self.skip_ratio < 1:
             problems.append(f"skip_ratio {self.skip_ratio} must lie strictly between 0 and 1")
-        if not 0 <= self.mask_step < steps - 1:
+        if (self.sparse or self.spatial_cfg) and not 0 <= self.mask_step < steps - 1:  # a mask is built
             problems.append(f"mask_step {self.mask_step} must be at least 0 and before the last step "
                             f"({steps - 1}); lower it or sample more steps")
         if self.warmup < 2:

@@ -4,6 +4,7 @@ warm-up, as the median of repeated runs.
 
     python benchmark.py                      # Lumina-Next widths, 1 layer, 512x512, 30 steps, CFG
     python benchmark.py --model sd3          # SD3-Medium widths, 1 block, 512x512, 28 steps, CFG
+    python benchmark.py --model flux         # FLUX.1-dev widths, 1+1 blocks, 512x512, 28 steps
     python benchmark.py --layers 4 --repeats 5 --json results.json
 
 The transformer has the released widths (Lumina-Next-T2I: 2304 wide, 32 heads, 8 KV heads,
@@ -34,6 +35,8 @@ from pathlib import Path
 import torch
 
 from accelaes import AccelAes, AccelAesConfig, sparse_flop_ratio
+from models.flux import Flux, FluxParams, image_ids
+from models.flux_pipeline import DEV_SCHEDULE, FluxConditioning, FluxPipeline, FluxSettings
 from models.gemma import GemmaEncoder, GemmaParams
 from models.lumina_next import NextDiT, NextDiTParams
 from models.lumina_pipeline import ByteTokenizer, LuminaNextPipeline, LuminaSettings
@@ -67,7 +70,7 @@ class LuminaBench:
         self.pipeline = LuminaNextPipeline(randomized(NextDiT(NextDiTParams(layers=layers)), device, dtype),
                                            randomized(text_encoder, device, dtype), ByteTokenizer(),
                                            tiny_random_vae(4).to(device), FlowMatchSchedule())
-        self.settings, self.size = LuminaSettings(steps=steps, guidance=4.0), size
+        self.settings, self.size = LuminaSettings(steps=steps or 30, guidance=4.0), size
         self.description = f"Lumina-Next widths, {layers} layer(s)"
 
     def prepare(self, accel, settings):
@@ -100,7 +103,7 @@ class SD3Bench:
         generator = torch.Generator().manual_seed(1)
         self.text = SD3Conditioning(torch.randn(2, self.text_tokens, 4096, generator=generator).to(device, dtype),
                                     torch.randn(2, 2048, generator=generator).to(device, dtype))
-        self.settings, self.size = SD3Settings(steps=steps, guidance=7.0), size
+        self.settings, self.size = SD3Settings(steps=steps or 28, guidance=7.0), size
         self.description = f"SD3-Medium widths, {layers} block(s)"
 
     def prepare(self, accel, settings):
@@ -125,7 +128,51 @@ class SD3Bench:
                                      text_tokens=text_tokens)
 
 
-BENCHES = {"lumina-next": LuminaBench, "sd3": SD3Bench}
+class FluxBench:
+    """FLUX.1-dev: StepCache by default, the spatial path an option; no CFG (guidance-distilled).
+    --layers N builds N double and N single blocks."""
+    rows = {"dense": None,
+            "StepCache only": AccelAesConfig(sparse=False, spatial_cfg=False),
+            "StepCache + spatial": AccelAesConfig(spatial_cfg=False)}
+    text_tokens = 512
+
+    def __init__(self, layers, size, steps, device, dtype):
+        transformer = randomized(Flux(FluxParams(depth=layers, depth_single=layers)), device, dtype)
+        self.pipeline = FluxPipeline(transformer, None, None, None, None, tiny_random_vae(16).to(device),
+                                     DEV_SCHEDULE)
+        generator = torch.Generator().manual_seed(1)
+        self.text = FluxConditioning(torch.randn(1, self.text_tokens, 4096, generator=generator).to(device, dtype),
+                                     torch.randn(1, 768, generator=generator).to(device, dtype))
+        self.settings = FluxSettings(steps=steps or 28, max_sequence_length=self.text_tokens)
+        self.size = size
+        self.description = f"FLUX.1-dev widths, {layers} double + {layers} single block(s)"
+
+    def prepare(self, accel, settings):
+        noise = self.pipeline.initial_noise(1, self.size, self.size, 0, self.text.t5.dtype)
+        if accel is not None:  # random text states: every prompt token weighs the same
+            words = [["▁a"] * 10 + [None] * (self.text_tokens - 10)]
+            grid = (self.size // 16, self.size // 16)
+            accel.start(segments=[(words, "sentencepiece")], grid=grid, latent_size=grid, steps=settings.steps,
+                        guided=False, text_tokens=self.text_tokens)
+        return self.text, noise
+
+    def denoise(self, text, noise, accel, settings):
+        return self.pipeline.denoise(noise, text, settings, (self.size, self.size), accelerator=accel)
+
+    def decode(self, latents):
+        return self.pipeline.decode(latents, (self.size, self.size))
+
+    def flop_ratio(self, text_tokens):
+        params, grid = self.pipeline.transformer.params, (self.size // 16, self.size // 16)
+        with torch.device("meta"):
+            model = Flux(params)
+            args = (torch.randn(1, grid[0] * grid[1], 64), image_ids(*grid), torch.randn(1, text_tokens, 4096),
+                    torch.zeros(text_tokens, 3), torch.full((1,), 0.5), torch.randn(1, 768), torch.full((1,), 3.5))
+            return sparse_flop_ratio(lambda runner: model(*args, block_runner=runner), grid, 0.5,
+                                     text_tokens=text_tokens, batch=1)
+
+
+BENCHES = {"lumina-next": LuminaBench, "sd3": SD3Bench, "flux": FluxBench}
 
 
 class PeakMemory:
@@ -204,17 +251,15 @@ def main(argv=None) -> int:
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
     bench = BENCHES[args.model](args.layers, args.size, args.steps, args.device, dtype)
     pipeline, settings = bench.pipeline, bench.settings
-    if args.steps is not None:
-        settings = replace(settings, steps=args.steps)
     args.steps = settings.steps
     grid = (args.size // 16, args.size // 16)
     print(f"{bench.description}, {args.size}x{args.size} ({grid[0] * grid[1]} tokens), {args.steps} steps, "
-          f"CFG {settings.guidance}, {dtype}, on {device_name}", file=sys.stderr)
+          f"guidance {settings.guidance}, {dtype}, on {device_name}", file=sys.stderr)
 
     started = time.perf_counter()
     text, _ = bench.prepare(None, settings)
     text_seconds = time.perf_counter() - started
-    text_tokens = text.features.shape[1] if hasattr(text, "features") else text.context.shape[1]
+    text_tokens = next(getattr(text, name).shape[1] for name in ("features", "context", "t5") if hasattr(text, name))
     flop_ratio = bench.flop_ratio(text_tokens)
     print(f"a sparse evaluation does {flop_ratio:.1%} of a dense one's matmul FLOPs", file=sys.stderr)
 
@@ -228,7 +273,7 @@ def main(argv=None) -> int:
         seconds = statistics.median(r[0] for r in runs)
         _, latents, accel, _ = runs[-1]
         started = time.perf_counter()
-        image = pipeline.decode(latents)
+        image = bench.decode(latents) if hasattr(bench, "decode") else pipeline.decode(latents)
         decode_seconds = time.perf_counter() - started
         stats = accel.stats if accel else None
         dense, sparse, skipped = (stats.dense, stats.sparse, stats.extrapolated) if stats else (args.steps, 0, 0)

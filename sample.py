@@ -29,7 +29,9 @@ from PIL.PngImagePlugin import PngInfo
 from accelaes import AccelAes, AccelAesConfig, clip_phrase_embedder, load_anchors
 from models.checkpoint import CheckpointError
 from models.clip import CLIPTokenizer, load_clip
-from models.lumina_pipeline import LuminaNextPipeline, LuminaSettings, check_size
+from models.lumina_pipeline import LuminaNextPipeline, LuminaSettings
+from models.sampling import check_size
+from models.flux_pipeline import FluxPipeline, FluxSettings
 from models.sd3_pipeline import SD3Pipeline, SD3Settings
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -61,15 +63,18 @@ class UsageError(ValueError):
 @dataclass(frozen=True)
 class Model:
     """What sample.py needs to know of a backbone."""
+    title: str
     pipeline: type                 # from_folder(folder, dtype, device) -> pipeline
     settings: type                 # the pipeline's settings dataclass (steps, guidance, shift, ...)
     accelaes: AccelAesConfig       # the method's defaults on this backbone
 
 
 MODELS = {
-    "lumina-next": Model(LuminaNextPipeline, LuminaSettings, AccelAesConfig()),
+    "lumina-next": Model("Lumina-Next", LuminaNextPipeline, LuminaSettings, AccelAesConfig()),
     # The paper keeps SD3 on StepCache: its spatial path and spatial CFG are options (method.md 2).
-    "sd3": Model(SD3Pipeline, SD3Settings, AccelAesConfig(sparse=False, spatial_cfg=False)),
+    "sd3": Model("SD3", SD3Pipeline, SD3Settings, AccelAesConfig(sparse=False, spatial_cfg=False)),
+    # FLUX-dev is guidance-distilled: no CFG, so no spatial CFG; the spatial path is an option.
+    "flux": Model("FLUX", FluxPipeline, FluxSettings, AccelAesConfig(sparse=False, spatial_cfg=False)),
 }
 LUMINA_ONLY = ("solver", "scaling_watershed", "no_proportional_attn")
 
@@ -92,10 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the initial noise; the same seed gives the same image (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=None,
-                        help="sampling steps (default: the model's: 30 Lumina-Next, 28 SD3)")
+                        help="sampling steps (default: the model's: 30 Lumina-Next, 28 SD3, 28 FLUX-dev, "
+                             "4 FLUX-schnell)")
     parser.add_argument("--guidance", type=float, default=None,
-                        help="classifier-free guidance scale; 1 turns it off (default: the model's: 4.0 "
-                             "Lumina-Next, 7.0 SD3)")
+                        help="classifier-free guidance scale, 1 turns it off (default: the model's: 4.0 "
+                             "Lumina-Next, 7.0 SD3); for FLUX-dev the distilled guidance it is given (3.5)")
+    parser.add_argument("--max-sequence-length", type=int, default=None,
+                        help="FLUX: T5 tokens of the prompt (default: 512 dev, 256 schnell)")
     parser.add_argument("--height", type=int, default=None,
                         help="image height in pixels, a multiple of 16 (default: 1024 with --weights, "
                              "256 for the random model)")
@@ -148,6 +156,7 @@ def model_settings(args: argparse.Namespace):
     """The pipeline settings: the model's defaults, overridden by the flags given."""
     settings = MODELS[args.model].settings()
     given = {"steps": args.steps, "guidance": args.guidance, "shift": args.shift, "solver": args.solver,
+             "max_sequence_length": args.max_sequence_length,
              "scaling_watershed": args.scaling_watershed,
              "proportional_attn": None if args.no_proportional_attn is None else not args.no_proportional_attn}
     return replace(settings, **{k: v for k, v in given.items() if v is not None})
@@ -159,7 +168,9 @@ def accelaes_config(args: argparse.Namespace) -> AccelAesConfig:
     config = replace(config, **{k: v for k, v in given.items() if v is not None})
     if args.anchors is not None:
         config.anchors = load_anchors(args.anchors)
-    config.check(model_settings(args).steps)
+    steps = model_settings(args).steps
+    if steps is not None:  # FLUX's default depends on the variant: checked once it is loaded
+        config.check(steps)
     return config
 
 
@@ -169,7 +180,7 @@ def check_args(args: argparse.Namespace) -> None:
     args.width = args.width or args.height
     args.dtype = args.dtype or ("bf16" if str(args.device).startswith("cuda") else "fp32")
     try:
-        check_size(args.height, args.width)
+        check_size(args.height, args.width, MODELS[args.model].title)
     except ValueError as error:
         raise UsageError(f"--{error}") from None
     if args.steps is not None and args.steps < 1:
@@ -178,6 +189,9 @@ def check_args(args: argparse.Namespace) -> None:
         given = [name for name in LUMINA_ONLY if getattr(args, name) is not None]
         if given:
             raise UsageError(f"--{given[0].replace('_', '-')} applies to --model lumina-next only")
+    if args.model != "flux" and args.max_sequence_length is not None:
+        raise UsageError("--max-sequence-length applies to --model flux only")
+    if args.model != "lumina-next":
         if args.weights is None:
             raise UsageError(f"--model {args.model} needs --weights (the built-in random model is Lumina-Next's): "
                              "see weights.md")
@@ -320,10 +334,17 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         pipeline, model = load_pipeline(args)
         settings = model_settings(args)
+        if hasattr(pipeline, "defaults"):  # FLUX: dev and schnell have their own steps and T5 length
+            settings = pipeline.defaults(settings)
         parameters = {"model": model, "weights": str(args.weights) if args.weights else None,
                       "prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": args.seed,
                       "height": args.height, "width": args.width, "dtype": args.dtype, **settings.__dict__}
         accel = None if args.dense else AccelAes.create(accelaes_config(args), load_embedder(args, pipeline))
+        if accel is not None:
+            try:
+                accel.config.check(settings.steps)
+            except ValueError as error:
+                raise UsageError(str(error)) from None
         if args.compare:
             # One step first, so neither timed run pays the one-time start-up costs.
             pipeline.generate([args.prompt], [args.negative_prompt], height=args.height, width=args.width,

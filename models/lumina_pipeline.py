@@ -30,7 +30,7 @@ import torch
 from .checkpoint import CheckpointError
 from .gemma import GemmaEncoder, GemmaParams, GemmaTokenizer, load_gemma
 from .lumina_next import NextDiT, NextDiTParams, load_nextdit, time_aware_rope_factors
-from .sampling import FlowMatchSchedule, sample_flow
+from .sampling import FlowMatchSchedule, check_size, sample_flow
 from .vae import AutoencoderKL, load_vae, tiny_random_vae
 
 SDXL_VAE_SCALE = 0.13025   # latents are divided by it before decoding
@@ -210,7 +210,7 @@ class LuminaNextPipeline:
                 width: int, settings: LuminaSettings, accelerator=None) -> tuple[TextConditioning, torch.Tensor]:
         """Text features and initial noise of a generation; tells the accelerator, if any, what
         the prompts' tokens are and how large the image is."""
-        check_size(height, width)
+        check_size(height, width, "Lumina-Next")
         if accelerator is not None and settings.solver != "euler":
             raise ValueError(f"AccelAes extrapolates Euler steps; --solver {settings.solver} runs only densely "
                              "(add --dense)")
@@ -249,13 +249,6 @@ class LuminaNextPipeline:
                            for name, token, keep in zip(names, ids, mask)])
         return pieces
 
-
-def check_size(height: int, width: int) -> None:
-    """NextDiT patches 2x2 latents of 8x8 pixels: each side must be a multiple of 16."""
-    for name, value in (("height", height), ("width", width)):
-        if value <= 0 or value % 16:
-            raise ValueError(f"{name} {value} is not a positive multiple of 16, which Lumina-Next needs "
-                             f"(try {max(16, round(value / 16) * 16)})")
 
 
 class ByteTokenizer:

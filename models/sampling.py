@@ -77,6 +77,14 @@ class FlowMatchSchedule:
         return torch.cat([grid, torch.zeros(1)])
 
 
+def check_size(height: int, width: int, model: str) -> None:
+    """Every backbone here patches 2x2 latents of 8x8 pixels: each side must be a multiple of 16."""
+    for name, value in (("height", height), ("width", width)):
+        if value <= 0 or value % 16:
+            raise ValueError(f"{name} {value} is not a positive multiple of 16, which {model} needs "
+                             f"(try {max(16, round(value / 16) * 16)})")
+
+
 def timesteps_of(sigmas: torch.Tensor, num_train_timesteps: int = 1000) -> torch.Tensor:
     """The scheduler's timesteps (sigma * 1000 in float32), which some models take as input."""
     return sigmas[:-1] * num_train_timesteps

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from .checkpoint import Checkpoint, CheckpointError
 from .clip import CLIPTextModel, CLIPTokenizer, load_clip
 from .mmdit import MMDiT, load_mmdit
-from .sampling import FlowMatchSchedule, sample_flow
+from .sampling import FlowMatchSchedule, check_size, sample_flow
 from .t5 import T5Encoder, T5Tokenizer, load_t5
 from .vae import AutoencoderKL, load_vae
 
@@ -201,7 +201,7 @@ class SD3Pipeline:
 
     def prepare(self, prompts: list[str], negative_prompts: list[str] | None, *, seed: int, height: int,
                 width: int, settings: SD3Settings, accelerator=None) -> tuple[SD3Conditioning, torch.Tensor]:
-        check_size(height, width)
+        check_size(height, width, "SD3")
         if settings.guidance > 1 and negative_prompts is None:
             negative_prompts = [""] * len(prompts)
         if settings.guidance <= 1:
@@ -239,10 +239,3 @@ class SD3Pipeline:
         latents = self.denoise(noise, text, settings, progress, accelerator)
         return latents, self.decode(latents)
 
-
-def check_size(height: int, width: int) -> None:
-    """The MMDiT patches 2x2 latents of 8x8 pixels: each side must be a multiple of 16."""
-    for name, value in (("height", height), ("width", width)):
-        if value <= 0 or value % 16:
-            raise ValueError(f"{name} {value} is not a positive multiple of 16, which SD3 needs "
-                             f"(try {max(16, round(value / 16) * 16)})")
