@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: bf16 on a GPU, fp32 on the CPU)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="torch device to run on (default: %(default)s)")
+    parser.add_argument("--text-device", default=None,
+                        help="SD3 and FLUX: device of the text encoders, e.g. cpu to keep T5's 9.5 GB off the "
+                             "GPU (default: as --device)")
     method = parser.add_argument_group("AccelAes (on by default; defaults are Lumina-Next's, and SD3 "
                                        "runs without --sparse and --spatial-cfg unless asked)")
     method.add_argument("--dense", action="store_true", help="turn AccelAes off: every step runs the whole model")
@@ -191,6 +194,8 @@ def check_args(args: argparse.Namespace) -> None:
             raise UsageError(f"--{given[0].replace('_', '-')} applies to --model lumina-next only")
     if args.model != "flux" and args.max_sequence_length is not None:
         raise UsageError("--max-sequence-length applies to --model flux only")
+    if args.model == "lumina-next" and args.text_device is not None:
+        raise UsageError("--text-device applies to --model sd3 and --model flux only")
     if args.model != "lumina-next":
         if args.weights is None:
             raise UsageError(f"--model {args.model} needs --weights (the built-in random model is Lumina-Next's): "
@@ -307,7 +312,8 @@ def load_pipeline(args: argparse.Namespace):
         pipeline.vae.to(args.device)
         return pipeline, "built-in random model"
     print(f"loading {args.model} from {args.weights} ...", file=sys.stderr)
-    return MODELS[args.model].pipeline.from_folder(args.weights, DTYPES[args.dtype], args.device), args.model
+    options = {} if args.text_device is None else {"text_device": args.text_device}
+    return MODELS[args.model].pipeline.from_folder(args.weights, DTYPES[args.dtype], args.device, **options), args.model
 
 
 def generate(pipeline, args, settings, accel: AccelAes | None) -> tuple[torch.Tensor, float]:

@@ -72,12 +72,14 @@ class FluxPipeline:
 
     @classmethod
     def from_folder(cls, folder: str | Path, dtype: torch.dtype = torch.bfloat16,
-                    device: str | torch.device = "cpu") -> "FluxPipeline":
+                    device: str | torch.device = "cpu", text_device: str | torch.device | None = None) -> "FluxPipeline":
         """The repository FLUX.1-dev or -schnell as downloaded: the diffusers folders, or the
         original flux1-*.safetensors and ae.safetensors at its root beside the text encoders'
-        folders; see weights.md."""
+        folders; see weights.md. text_device: where T5 and CLIP-L live (default: `device`); the
+        CPU keeps their 10 GB off a 24 GB GPU, which the 23.8 GB transformer fills."""
         folder = Path(folder)
         load = dict(dtype=dtype, device=device)
+        text_load = dict(dtype=dtype, device=text_device or device)
         for name in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
             if not (folder / name).is_dir():
                 raise CheckpointError(f"{folder} has no {name}/ folder (CLIP-L, T5 and their tokenizers): "
@@ -102,7 +104,7 @@ class FluxPipeline:
             schedule = FlowMatchSchedule.from_config(json.loads(scheduler_config.read_text()))
         else:
             schedule = DEV_SCHEDULE if transformer.params.guidance_embed else SCHNELL_SCHEDULE
-        return cls(transformer, load_clip(folder / "text_encoder", **load), load_t5(folder / "text_encoder_2", **load),
+        return cls(transformer, load_clip(folder / "text_encoder", **text_load), load_t5(folder / "text_encoder_2", **text_load),
                    CLIPTokenizer.from_folder(folder / "tokenizer"), T5Tokenizer(folder / "tokenizer_2"),
                    load_vae(vae_path, dtype=torch.float32, device=device), schedule,
                    vae_config.get("scaling_factor", FLUX_VAE_SCALE), vae_config.get("shift_factor", FLUX_VAE_SHIFT))
@@ -120,11 +122,13 @@ class FluxPipeline:
                             shift=settings.shift)
 
     def encode_prompts(self, prompts: list[str], max_sequence_length: int) -> FluxConditioning:
+        """T5 and CLIP-L features, on the transformer's device whichever device the encoders use."""
+        text_device = self.t5.shared.weight.device
         with torch.no_grad():
-            pooled = self.clip_l(self.clip_l_tokenizer(prompts).to(self.device)).pooled
+            pooled = self.clip_l(self.clip_l_tokenizer(prompts).to(text_device)).pooled
             ids, _ = self.t5_tokenizer(prompts, max_length=max_sequence_length)
-            states = self.t5(ids.to(self.device))
-        return FluxConditioning(states, pooled.to(states.dtype))
+            states = self.t5(ids.to(text_device))
+        return FluxConditioning(states.to(self.device), pooled.to(self.device, states.dtype))
 
     def initial_noise(self, batch: int, height: int, width: int, seed: int, dtype: torch.dtype) -> torch.Tensor:
         """Packed noise [B, N, 64], drawn unpacked exactly as diffusers draws it."""

@@ -71,10 +71,12 @@ class SD3Pipeline:
 
     @classmethod
     def from_folder(cls, folder: str | Path, dtype: torch.dtype = torch.float16,
-                    device: str | torch.device = "cpu") -> "SD3Pipeline":
-        """The diffusers layout, or the single files of the release; see weights.md for both."""
+                    device: str | torch.device = "cpu", text_device: str | torch.device | None = None) -> "SD3Pipeline":
+        """The diffusers layout, or the single files of the release; see weights.md for both.
+        text_device: where the three text encoders live (default: `device`)."""
         folder = Path(folder)
         load = dict(dtype=dtype, device=device)
+        text_load = dict(dtype=dtype, device=text_device or device)
         for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
             if not (folder / name).is_dir():
                 raise CheckpointError(f"{folder} has no {name}/ folder (the CLIP-L, CLIP-G and T5 tokenizers): "
@@ -86,12 +88,13 @@ class SD3Pipeline:
                 if not (folder / name).is_dir():
                     raise CheckpointError(f"{folder} has no {name}/ folder: see weights.md for what SD3 needs")
             transformer = load_mmdit(folder / "transformer", **load)
-            clip_l, clip_g = load_clip(folder / "text_encoder", **load), load_clip(folder / "text_encoder_2", **load)
-            t5 = load_t5(folder / "text_encoder_3", **load) if (folder / "text_encoder_3").is_dir() else None
+            clip_l = load_clip(folder / "text_encoder", **text_load)
+            clip_g = load_clip(folder / "text_encoder_2", **text_load)
+            t5 = load_t5(folder / "text_encoder_3", **text_load) if (folder / "text_encoder_3").is_dir() else None
             vae_path = folder / "vae"
             vae = load_vae(vae_path, dtype=torch.float32, device=device)
         else:
-            transformer, clip_l, clip_g, t5, vae = cls._load_single_files(folder, load)
+            transformer, clip_l, clip_g, t5, vae = cls._load_single_files(folder, load, text_load)
             vae_path = folder / "vae"
         scheduler_config = folder / "scheduler" / "scheduler_config.json"
         schedule = (FlowMatchSchedule.from_config(json.loads(scheduler_config.read_text()))
@@ -102,7 +105,7 @@ class SD3Pipeline:
                    vae_shift=vae_config.get("shift_factor", SD3_VAE_SHIFT))
 
     @staticmethod
-    def _load_single_files(folder: Path, load: dict):
+    def _load_single_files(folder: Path, load: dict, text_load: dict):
         """sd3*.safetensors (MMDiT + VAE, maybe the text encoders) beside text_encoders/*.safetensors."""
         mains = sorted(folder.glob("sd3*.safetensors"), key=lambda p: len(p.name))
         if not mains:
@@ -115,10 +118,10 @@ class SD3Pipeline:
         def text_encoder(name: str, files: tuple[str, ...], loader):
             for file in files:
                 if (folder / "text_encoders" / file).is_file():
-                    return loader(folder / "text_encoders" / file, **load)
+                    return loader(folder / "text_encoders" / file, **text_load)
             prefix = f"text_encoders.{name}.transformer."
             if any(key.startswith(prefix) for key in main.keys()):
-                return loader(main, prefix=prefix, **load)
+                return loader(main, prefix=prefix, **text_load)
             return None
 
         clip_l = text_encoder("clip_l", ("clip_l.safetensors",), load_clip)
@@ -139,21 +142,21 @@ class SD3Pipeline:
     def encode_prompts(self, prompts: list[str], negative_prompts: list[str] | None,
                        max_t5_tokens: int = 256) -> SD3Conditioning:
         texts = prompts + (negative_prompts or [])
-        dtype = self.clip_l.embeddings.token_embedding.weight.dtype
+        weight = self.clip_l.embeddings.token_embedding.weight
+        dtype, text_device = weight.dtype, weight.device
         with torch.no_grad():
-            clip_l = self.clip_l(self.clip_l_tokenizer(texts).to(self.device))
-            clip_g = self.clip_g(self.clip_g_tokenizer(texts).to(self.device))
+            clip_l = self.clip_l(self.clip_l_tokenizer(texts).to(text_device))
+            clip_g = self.clip_g(self.clip_g_tokenizer(texts).to(text_device))
             t5_ids, _ = self.t5_tokenizer(texts, max_length=max_t5_tokens)
-            t5_ids = t5_ids.to(self.device)
             if self.t5 is not None:
-                t5_states = self.t5(t5_ids)
+                t5_states = self.t5(t5_ids.to(text_device))
             else:  # diffusers without text_encoder_3: zeros in T5's place
-                t5_states = torch.zeros(len(texts), max_t5_tokens, T5_WIDTH, device=self.device, dtype=dtype)
+                t5_states = torch.zeros(len(texts), max_t5_tokens, T5_WIDTH, device=text_device, dtype=dtype)
         clip_states = torch.cat([clip_l.hidden_states[-2], clip_g.hidden_states[-2].to(dtype)], dim=-1)
         clip_states = F.pad(clip_states, (0, t5_states.shape[-1] - clip_states.shape[-1]))
         context = torch.cat([clip_states, t5_states.to(dtype)], dim=1)
         pooled = torch.cat([clip_l.pooled_projected, clip_g.pooled_projected.to(dtype)], dim=-1)
-        return SD3Conditioning(context, pooled)
+        return SD3Conditioning(context.to(self.device), pooled.to(self.device))
 
     def initial_noise(self, batch: int, height: int, width: int, seed: int, dtype: torch.dtype) -> torch.Tensor:
         generator = torch.Generator("cpu").manual_seed(seed)

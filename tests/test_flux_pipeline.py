@@ -20,22 +20,26 @@ from PIL import Image
 import sample
 from accelaes import AccelAes, AccelAesConfig
 from models.flux_pipeline import FluxPipeline, FluxSettings
-from tests.common import randomize_, rel_err
+from tests.common import randomize_, rel_err, save_state
 from tests.test_clip import write_vocab_and_merges
+from tests.test_flux import to_original as flux_original
 from tests.test_t5 import reference_from_spm, train_tokenizer
+from tests.test_vae import to_ldm
 
 PROMPT = "a cinematic photo of a red fox in the snow, highly detailed"
 HEIGHT, WIDTH = 64, 96
 
 
 def tiny_diffusers_pipeline(folder, dev: bool) -> ReferencePipeline:
+    """The release's head size (128, RoPE axes 16/56/56) and CLIP heads of 64, so the original
+    single files, which carry no config, say their own sizes."""
     transformer = randomize_(FluxTransformer2DModel(
-        patch_size=1, in_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=64, pooled_projection_dim=32, guidance_embeds=dev,
-        axes_dims_rope=(4, 6, 6)), seed=1, std=0.1).eval()
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=128,
+        num_attention_heads=1, joint_attention_dim=64, pooled_projection_dim=64, guidance_embeds=dev,
+        axes_dims_rope=(16, 56, 56)), seed=1, std=0.1).eval()
     clip = randomize_(transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407)),
+        vocab_size=49408, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=1,
+        max_position_embeddings=77, hidden_act="gelu", bos_token_id=49406, eos_token_id=49407)),
         seed=2, std=0.1).eval()
     t5 = randomize_(transformers.T5EncoderModel(transformers.T5Config(
         vocab_size=800, d_model=64, d_kv=16, num_heads=4, d_ff=96, num_layers=2, feed_forward_proj="gated-gelu")),
@@ -81,6 +85,22 @@ def test_same_seed_same_latents_as_diffusers(saved):
     assert latents.shape == expected.shape == (1, (HEIGHT // 16) * (WIDTH // 16), 64)
     assert rel_err(latents, expected) < 1e-4
     assert rel_err(latents, expected.roll(1, dims=1)) > 1e-2
+
+
+def test_original_files_layout(saved, tmp_path):
+    """flux1-dev.safetensors (BFL names) and ae.safetensors (LDM names) at the repository's root,
+    beside the text encoders' and tokenizers' folders, and no scheduler config."""
+    variant, reference, folder = saved
+    expected = run_diffusers(reference, variant, steps=4)
+    root = tmp_path / f"FLUX.1-{variant}"
+    save_state(flux_original(reference.transformer.state_dict()), root / f"flux1-{variant}.safetensors")
+    save_state(to_ldm(reference.vae.state_dict(), 4), root / "ae.safetensors")
+    for name in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
+        (root / name).symlink_to(folder / name)
+    ours = FluxPipeline.from_folder(root, dtype=torch.float32, text_device="cpu")
+    assert ours.t5.shared.weight.device.type == "cpu"
+    latents, _ = ours.generate([PROMPT], seed=0, height=HEIGHT, width=WIDTH, settings=FluxSettings(steps=4))
+    assert rel_err(latents, expected) < 1e-4
 
 
 def test_sample_py_writes_the_same_png_as_diffusers(saved, tmp_path):

@@ -21,9 +21,11 @@ import sample
 from accelaes import AccelAes, AccelAesConfig
 from models.checkpoint import CheckpointError
 from models.sd3_pipeline import SD3Pipeline, SD3Settings
-from tests.common import randomize_, rel_err
+from tests.common import randomize_, rel_err, save_state
 from tests.test_clip import write_vocab_and_merges
+from tests.test_mmdit import to_original as mmdit_original
 from tests.test_t5 import reference_from_spm, train_tokenizer
+from tests.test_vae import to_ldm
 
 PROMPT = "a photorealistic lighthouse on a cliff, dramatic lighting"
 HEIGHT, WIDTH = 64, 96
@@ -31,19 +33,21 @@ HEIGHT, WIDTH = 64, 96
 
 def clip_tower(projection_dim: int, hidden: int, seed: int):
     config = transformers.CLIPTextConfig(vocab_size=49408, hidden_size=hidden, intermediate_size=2 * hidden,
-                                         num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
+                                         num_hidden_layers=2, num_attention_heads=hidden // 64, max_position_embeddings=77,
                                          projection_dim=projection_dim, hidden_act="gelu", bos_token_id=49406,
                                          eos_token_id=49407)
     return randomize_(transformers.CLIPTextModelWithProjection(config), seed=seed, std=0.1).eval()
 
 
 def tiny_diffusers_pipeline(folder) -> StableDiffusion3Pipeline:
+    """Sizes a config-less single file still tells apart: CLIP heads of 64, the MMDiT's head size
+    from its qk-norm (SD3.5-style), T5's heads from its position table."""
     transformer = randomize_(SD3Transformer2DModel(
         sample_size=8, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=48, out_channels=16,
-        pos_embed_max_size=16), seed=1, std=0.1).eval()
+        joint_attention_dim=192, caption_projection_dim=32, pooled_projection_dim=192, out_channels=16,
+        pos_embed_max_size=16, qk_norm="rms_norm"), seed=1, std=0.1).eval()
     t5 = randomize_(transformers.T5EncoderModel(transformers.T5Config(
-        vocab_size=800, d_model=64, d_kv=16, num_heads=4, d_ff=96, num_layers=2, feed_forward_proj="gated-gelu",
+        vocab_size=800, d_model=192, d_kv=16, num_heads=4, d_ff=96, num_layers=2, feed_forward_proj="gated-gelu",
         relative_attention_num_buckets=32, relative_attention_max_distance=128)), seed=2, std=0.1).eval()
     vae = randomize_(AutoencoderKL(
         block_out_channels=(32, 32, 32, 32), layers_per_block=1, latent_channels=16, norm_num_groups=32,
@@ -57,8 +61,8 @@ def tiny_diffusers_pipeline(folder) -> StableDiffusion3Pipeline:
     t5_tokenizer = reference_from_spm(train_tokenizer(folder / "t5"))
     return StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
-        text_encoder=clip_tower(16, 16, seed=4), tokenizer=clip_l_tokenizer,
-        text_encoder_2=clip_tower(32, 32, seed=5), tokenizer_2=clip_g_tokenizer,
+        text_encoder=clip_tower(64, 64, seed=4), tokenizer=clip_l_tokenizer,
+        text_encoder_2=clip_tower(128, 128, seed=5), tokenizer_2=clip_g_tokenizer,
         text_encoder_3=t5, tokenizer_3=t5_tokenizer)
 
 
@@ -85,6 +89,25 @@ def test_same_seed_same_latents_as_diffusers(saved, steps, guidance):
                                settings=SD3Settings(steps=steps, guidance=guidance))
     assert rel_err(latents, expected) < 1e-4
     assert rel_err(latents, expected.roll(1, dims=-1)) > 1e-2
+
+
+def test_single_files_layout(saved, tmp_path):
+    """sd3_medium.safetensors (MMDiT under model.diffusion_model., VAE under first_stage_model.)
+    beside text_encoders/*.safetensors and the tokenizer folders, as the release's root holds them."""
+    reference, folder = saved
+    expected = run_diffusers(reference, 4, 7.0)
+    root = tmp_path / "stable-diffusion-3-medium"
+    main = {"model.diffusion_model." + k: v for k, v in mmdit_original(reference.transformer.state_dict()).items()}
+    main.update({"first_stage_model." + k: v for k, v in to_ldm(reference.vae.state_dict(), 4).items()})
+    save_state(main, root / "sd3_medium.safetensors")
+    for name, encoder in (("clip_l", reference.text_encoder), ("clip_g", reference.text_encoder_2),
+                          ("t5xxl_fp16", reference.text_encoder_3)):
+        save_state(encoder.state_dict(), root / "text_encoders" / f"{name}.safetensors")
+    for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+        (root / name).symlink_to(folder / name)
+    ours = SD3Pipeline.from_folder(root, dtype=torch.float32)
+    latents, _ = ours.generate([PROMPT], seed=0, height=HEIGHT, width=WIDTH, settings=SD3Settings(steps=4))
+    assert rel_err(latents, expected) < 1e-4
 
 
 def test_sample_py_writes_the_same_png_as_diffusers(saved, tmp_path):
@@ -136,3 +159,5 @@ def test_missing_parts(saved, tmp_path, capsys):
     assert sample.main(["--model", "sd3", "--weights", str(folder), "--solver", "midpoint",
                         "--output", str(tmp_path / "x.png")]) == 2
     assert "--solver applies to --model lumina-next only" in capsys.readouterr().err
+    assert sample.main(["--text-device", "cpu", "--output", str(tmp_path / "x.png")]) == 2
+    assert "--text-device applies to --model sd3 and --model flux only" in capsys.readouterr().err
