@@ -15,7 +15,8 @@ from accelaes import (ANCHORS, AccelAes, AccelAesConfig, AestheticScorer, CrossA
                       spatial_guidance, word_ids)
 from models.clip import CLIPTokenizer
 from models.gemma import GemmaTokenizer
-from models.lumina_next import NextDiT, NextDiTParams, apply_rope
+from models.layers import apply_rope
+from models.lumina_next import NextDiT, NextDiTParams
 from models.lumina_pipeline import LuminaNextPipeline, LuminaSettings
 from tests.common import randomize_, rel_err
 from tests.test_clip import write_vocab_and_merges

@@ -31,7 +31,6 @@ queries, output projections and MLPs for the focus rows only, keys and values of
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
@@ -41,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import AttentionProbe, attention, merge_heads, split_heads
+from .layers import apply_rope, rms_normalize, timestep_sinusoids
 from .checkpoint import Checkpoint, CheckpointError, load_model
 from .layouts import flux_layout
 
@@ -198,14 +198,6 @@ def text_ids(length: int, device: torch.device | str | None = None, dtype: torch
 # Embeddings: timestep sinusoids and RoPE
 # ---------------------------------------------------------------------------------------------
 
-def timestep_embedding(t: Tensor, dim: int = _TIME_FREQUENCIES, max_period: float = 10000.0) -> Tensor:
-    """[B] values -> [B, dim] fp32 sinusoids ordered [cos | sin], frequencies max_period^(-i/(dim/2))."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t.float()[:, None] * freqs[None]
-    return torch.cat([args.cos(), args.sin()], dim=-1)
-
-
 def rope_tables(ids: Tensor, axes_dim: tuple[int, ...], theta: float = 10000.0) -> tuple[Tensor, Tensor]:
     """cos and sin [S, sum(axes_dim)/2] fp32 of the multi-axis RoPE for ids [S, n_axes].
 
@@ -221,16 +213,6 @@ def rope_tables(ids: Tensor, axes_dim: tuple[int, ...], theta: float = 10000.0) 
         angles.append(ids[:, axis].to(dtype)[:, None] * omega[None])
     angles = torch.cat(angles, dim=-1)
     return angles.cos().float(), angles.sin().float()
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate adjacent pairs (x[2i], x[2i+1]) of x [B, H, S, D] by the angles of each token, in fp32.
-
-    cos, sin: [S, D/2], or [B, 1, S, D/2] when each sample has its own rows (focus tokens)."""
-    pairs = x.float().unflatten(-1, (-1, 2))
-    real, imag = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1)
-    return rotated.flatten(-2).type_as(x)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,8 +241,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # The result stays in x's dtype even if the scale is wider (BFL casts q and k back likewise).
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.scale.type_as(x)
+        return rms_normalize(x, self.eps) * self.scale.type_as(x)
 
 
 class QKNorm(nn.Module):
@@ -496,11 +477,11 @@ class Flux(nn.Module):
         """vec = time_in(t*1000) [+ guidance_in(g*1000)] + vector_in(pooled CLIP), [B, hidden]."""
         dtype = self.img_in.weight.dtype
         # t and g are cast to the model's dtype before the x1000, as BFL and diffusers both do.
-        vec = self.time_in(timestep_embedding(timesteps.to(dtype) * _TIME_FACTOR).to(dtype))
+        vec = self.time_in(timestep_sinusoids(timesteps.to(dtype) * _TIME_FACTOR).to(dtype))
         if self.params.guidance_embed:
             if guidance is None:
                 raise ValueError("this FLUX model is guidance-distilled ([dev]): pass guidance, e.g. 3.5")
-            vec = vec + self.guidance_in(timestep_embedding(guidance.to(dtype) * _TIME_FACTOR).to(dtype))
+            vec = vec + self.guidance_in(timestep_sinusoids(guidance.to(dtype) * _TIME_FACTOR).to(dtype))
         # [schnell] has no guidance embedding: a guidance given to it is ignored, as in BFL's code.
         return vec + self.vector_in(y.to(dtype))
 

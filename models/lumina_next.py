@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import AttentionProbe, attention, merge_heads, split_heads
+from .layers import RMSNorm, TimestepEmbedder, apply_rope
 from .checkpoint import Checkpoint, CheckpointError, load_model
 from .layouts import nextdit_layout
 
@@ -182,46 +183,9 @@ def rope_tables(height: int, width: int, head_dim: int, theta: float = 10000.0, 
     return angles.cos(), angles.sin()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs (x[2j], x[2j+1]) of x [B, H, N, D] by the angles of token n, in fp32."""
-    pairs = x.float().unflatten(-1, (-1, 2))
-    real, imag = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1)
-    return rotated.flatten(-2).type_as(x)
-
-
 # ---------------------------------------------------------------------------------------------
 # Modules
 # ---------------------------------------------------------------------------------------------
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32, back to the input dtype, then scale (as Lumina-T2X does).
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
-
-
-class TimestepEmbedder(nn.Module):
-    """t in [0, 1] -> 256 sinusoids [cos | sin] -> MLP (DiT's embedder, without the x1000)."""
-
-    frequencies = 256
-
-    def __init__(self, width: int):
-        super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(self.frequencies, width), nn.SiLU(), nn.Linear(width, width))
-
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
-        half = self.frequencies // 2
-        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-        args = t.float()[:, None] * freqs
-        embedding = torch.cat([args.cos(), args.sin()], dim=-1)
-        return self.mlp(embedding.to(self.mlp[0].weight.dtype))
-
 
 class Attention(nn.Module):
     """Self-attention of the image tokens plus gated cross-attention to the caption, one wq/wo.

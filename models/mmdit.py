@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import AttentionProbe, attention, merge_heads, split_heads
+from .layers import RMSNorm, TimestepEmbedder
 from .checkpoint import Checkpoint, CheckpointError, load_model
 from .layouts import mmdit_layout
 
@@ -157,26 +158,9 @@ class MMDiTParams:
 # Small modules
 # ---------------------------------------------------------------------------------------------
 
-def timestep_sinusoids(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
-    """[cos | sin] of t * max_period^(-i/half), i = 0..half-1, in fp32 (diffusers' Timesteps with
-    flip_sin_to_cos=True, downscale_freq_shift=0). SD3 feeds t = sigma * 1000 as it is."""
-    half = dim // 2
-    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
-    args = t.float()[:, None] * torch.exp(exponent)[None]
-    return torch.cat([args.cos(), args.sin()], dim=-1)
 
 
-class TimestepEmbedder(nn.Module):
-    """timestep -> 256 sinusoids -> Linear, SiLU, Linear."""
 
-    frequencies = 256
-
-    def __init__(self, width: int):
-        super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(self.frequencies, width), nn.SiLU(), nn.Linear(width, width))
-
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(timestep_sinusoids(t, self.frequencies).to(self.mlp[0].weight.dtype))
 
 
 class VectorEmbedder(nn.Module):
@@ -199,19 +183,6 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x).flatten(2).transpose(1, 2)
-
-
-class RMSNorm(nn.Module):
-    """Query/key norm of one head: normalised in fp32, back to the input dtype, then scaled."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
 class Mlp(nn.Module):

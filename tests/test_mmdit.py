@@ -23,7 +23,8 @@ from accelaes import SkipSparse
 from models.attention import split_heads
 from models.checkpoint import Checkpoint, CheckpointError, build_on_meta
 from models.layouts import mmdit_layout
-from models.mmdit import MMDiT, MMDiTParams, load_mmdit, timestep_sinusoids
+from models.layers import timestep_sinusoids
+from models.mmdit import MMDiT, MMDiTParams, load_mmdit
 from tests.common import randomize_, rel_err, save_state
 
 TOL = 1e-5
