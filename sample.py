@@ -128,8 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--text-device", default=None,
                         help="SD3 and FLUX: device of the text encoders, e.g. cpu to keep T5's 9.5 GB off the "
                              "GPU (default: as --device)")
-    method = parser.add_argument_group("AccelAes (on by default; defaults are Lumina-Next's, and SD3 "
-                                       "runs without --sparse and --spatial-cfg unless asked)")
+    method = parser.add_argument_group("AccelAes (on by default; the defaults shown are Lumina-Next's: SD3 "
+                                       "and FLUX run StepCache alone unless --sparse / --spatial-cfg is given)")
     method.add_argument("--dense", action="store_true", help="turn AccelAes off: every step runs the whole model")
     method.add_argument("--compare", action="store_true",
                         help="run dense and AccelAes with the same seed, write both pictures (the dense one "
@@ -219,9 +219,13 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError("--dense runs no AccelAes: drop it to --compare or --save-mask")
     if not args.dense:
         try:
-            accelaes_config(args)
+            config = accelaes_config(args)
         except ValueError as error:
             raise UsageError(str(error)) from None
+        # FLUX has no CFG, so spatial CFG builds no mask there.
+        if args.save_mask and not (config.sparse or (config.spatial_cfg and args.model != "flux")):
+            raise UsageError(f"--save-mask: this run builds no mask ({MODELS[args.model].title} runs StepCache alone "
+                             "by default); add --sparse")
         if args.solver not in (None, "euler"):
             raise UsageError(f"--solver {args.solver}: AccelAes extrapolates Euler steps; add --dense")
     for extra in extra_outputs(args):

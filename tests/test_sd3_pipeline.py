@@ -159,5 +159,8 @@ def test_missing_parts(saved, tmp_path, capsys):
     assert sample.main(["--model", "sd3", "--weights", str(folder), "--solver", "midpoint",
                         "--output", str(tmp_path / "x.png")]) == 2
     assert "--solver applies to --model lumina-next only" in capsys.readouterr().err
+    assert sample.main(["--model", "sd3", "--weights", str(folder), "--save-mask", "--output", str(tmp_path / "x.png")]) == 2
+    assert "--save-mask: this run builds no mask (SD3 runs StepCache alone by default); add --sparse" in \
+        capsys.readouterr().err
     assert sample.main(["--text-device", "cpu", "--output", str(tmp_path / "x.png")]) == 2
     assert "--text-device applies to --model sd3 and --model flux only" in capsys.readouterr().err
