@@ -30,7 +30,7 @@ import torch
 from .checkpoint import CheckpointError
 from .gemma import GemmaEncoder, GemmaParams, GemmaTokenizer, load_gemma
 from .lumina_next import NextDiT, NextDiTParams, load_nextdit, time_aware_rope_factors
-from .sampling import FlowMatchSchedule, check_size, sample_flow
+from .sampling import FlowMatchSchedule, cfg_negatives, check_size, sample_flow
 from .vae import AutoencoderKL, load_vae, tiny_random_vae
 
 SDXL_VAE_SCALE = 0.13025   # latents are divided by it before decoding
@@ -214,10 +214,7 @@ class LuminaNextPipeline:
         if accelerator is not None and settings.solver != "euler":
             raise ValueError(f"AccelAes extrapolates Euler steps; --solver {settings.solver} runs only densely "
                              "(add --dense)")
-        if settings.guidance > 1 and negative_prompts is None:
-            negative_prompts = [""] * len(prompts)
-        if settings.guidance <= 1:
-            negative_prompts = None
+        negative_prompts = cfg_negatives(prompts, negative_prompts, settings.guidance)
         text = self.encode_prompts(prompts, negative_prompts, settings.max_text_tokens)
         noise = self.initial_noise(len(prompts), height, width, seed, text.features.dtype)
         if accelerator is not None:

@@ -77,6 +77,14 @@ class FlowMatchSchedule:
         return torch.cat([grid, torch.zeros(1)])
 
 
+def cfg_negatives(prompts: list[str], negative_prompts: list[str] | None, guidance: float) -> list[str] | None:
+    """The negative prompts a guided batch [prompts, negatives] needs: the given ones, "" for each
+    prompt when none are given, and none at all without guidance (scale <= 1 runs one branch)."""
+    if guidance <= 1:
+        return None
+    return negative_prompts if negative_prompts is not None else [""] * len(prompts)
+
+
 def check_size(height: int, width: int, model: str) -> None:
     """Every backbone here patches 2x2 latents of 8x8 pixels: each side must be a multiple of 16."""
     for name, value in (("height", height), ("width", width)):

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from .checkpoint import Checkpoint, CheckpointError
 from .clip import CLIPTextModel, CLIPTokenizer, load_clip
 from .mmdit import MMDiT, load_mmdit
-from .sampling import FlowMatchSchedule, check_size, sample_flow
+from .sampling import FlowMatchSchedule, cfg_negatives, check_size, sample_flow
 from .t5 import T5Encoder, T5Tokenizer, load_t5
 from .vae import AutoencoderKL, load_vae
 
@@ -205,10 +205,7 @@ class SD3Pipeline:
     def prepare(self, prompts: list[str], negative_prompts: list[str] | None, *, seed: int, height: int,
                 width: int, settings: SD3Settings, accelerator=None) -> tuple[SD3Conditioning, torch.Tensor]:
         check_size(height, width, "SD3")
-        if settings.guidance > 1 and negative_prompts is None:
-            negative_prompts = [""] * len(prompts)
-        if settings.guidance <= 1:
-            negative_prompts = None
+        negative_prompts = cfg_negatives(prompts, negative_prompts, settings.guidance)
         text = self.encode_prompts(prompts, negative_prompts, settings.max_t5_tokens)
         noise = self.initial_noise(len(prompts), height, width, seed, text.context.dtype)
         if accelerator is not None:

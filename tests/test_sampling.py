@@ -41,3 +41,10 @@ def test_unsupported_settings_are_refused():
         FlowMatchSchedule.from_config({"use_karras_sigmas": True})
     with pytest.raises(ValueError, match="pass mu"):
         FlowMatchSchedule(use_dynamic_shifting=True).sigmas(4)
+
+
+def test_cfg_negatives():
+    from models.sampling import cfg_negatives
+    assert cfg_negatives(["a", "b"], None, 4.0) == ["", ""]
+    assert cfg_negatives(["a"], ["blurry"], 7.0) == ["blurry"]
+    assert cfg_negatives(["a"], ["blurry"], 1.0) is None

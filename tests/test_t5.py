@@ -23,7 +23,7 @@ from transformers.models.t5.modeling_t5 import T5Attention as RefAttention
 from models.attention import attention
 from models.checkpoint import Checkpoint, CheckpointError
 from models.sentencepiece_model import read_sentencepiece_model
-from models.t5 import T5Params, T5Tokenizer, load_t5, relative_position_bucket
+from models.t5 import T5Encoder, T5Params, T5Tokenizer, load_t5, relative_position_bucket
 from tests.common import randomize_, rel_err, save_state
 
 VOCAB = 512
@@ -137,6 +137,13 @@ def test_embed_tokens_only(tmp_path):
     model = load_t5(save_state(state, tmp_path / "t5.safetensors"))
     assert (model.p.heads, model.p.head_dim, model.p.width) == (6, 16, 48)
     assert_matches(model, ref)
+
+
+def test_t5_xxl_parameter_count():
+    """The released T5-XXL encoder (weights.md's 4.76B), built on the meta device from the defaults."""
+    with torch.device("meta"):
+        model = T5Encoder(T5Params())
+    assert sum(p.numel() for p in model.parameters()) == 4_762_310_656
 
 
 def test_not_a_t5(tmp_path):
