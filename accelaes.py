@@ -1,9 +1,9 @@
 """AccelAes: training-free acceleration of diffusion transformers that keeps their aesthetics.
 
-Three parts, in the order a generation meets them (the paper is ../shared/paper/accelaes.md;
-the choices where it is silent are ../shared/reference/method.md):
+Three parts, in the order a generation meets them (docs/method.md says what is implemented of
+the paper, equation by equation, and every choice where the paper is silent):
 
-  AesMask (paper 3.2)    where to compute: prompt tokens that read as aesthetic descriptors
+  AesMask (paper 3.2)    where to compute: prompt words that read as aesthetic descriptors
                          (CLIP similarity to 34 anchor phrases, Eq. 3-5) weight the image-to-text
                          attention recorded at one step (Eq. 6); the most attended image tokens
                          form the focus set F (Eq. 7).
@@ -14,18 +14,24 @@ the choices where it is silent are ../shared/reference/method.md):
   StepCache (3.4)        skip whole evaluations: after a warmup, every other step's prediction is
                          extrapolated linearly from the last two computed ones (Eq. 12-13).
 
-This file knows no model. A pipeline calls `AccelAes.start(...)` once it has tokenised the
-prompt, then `AccelAes.velocity(step, sigmas, evaluate)` at every step, where
-`evaluate(guidance=, probe=, block_runner=)` runs one guided model evaluation. A model takes
-part through two arguments of its forward: a `probe` its attention primitive shows the
-image-to-text attention to, and a `block_runner(index, block, tokens, step)` that runs each of
-its blocks through the block's `increment(tokens, step, focus)`: the update the block adds to
-the tokens listed in `focus` [B, F] (all tokens when None), computed with every token's keys
-and values. Joint-attention models list their text tokens first in `focus`.
+This file knows no model. The contracts, all checked with clear errors:
+- A pipeline calls `AccelAes.start(...)` once it has tokenised the prompts, saying how its model
+  batch is laid out (which row is each prompt's conditional one), then at every step
+  `prediction(step, sigmas, evaluate)`, where `evaluate(probe=, block_runner=)` runs one model
+  evaluation and returns the UNGUIDED predictions of every row, and applies CFG with the scale
+  `guidance(step)` (None: its own uniform scale).
+- A model takes part through two arguments of its forward: a `probe`, asked `for_layer(index)`
+  before each layer and shown that layer's image-to-text attention if it answers, and a
+  `block_runner(index, block, tokens, step)` that runs each block through its
+  `increment(tokens, step, focus)` (or `attention_increment` and `ffn_increment`, for the
+  attention-only ablation): the update the block adds to the tokens listed in `focus` [B, F]
+  (all tokens when None), computed with every token's keys and values. A joint-attention
+  sequence is [text | image], and the text tokens are always in focus.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 import time
@@ -60,20 +66,22 @@ ANCHORS = (
 
 @dataclass
 class AccelAesConfig:
-    """Every knob of the method, with method.md's defaults (each is a flag of sample.py)."""
+    """Every knob of the method, with the defaults of docs/method.md (each is a flag of sample.py)."""
     # AesMask
     anchors: tuple[str, ...] = ANCHORS   # or read from a file, one phrase a line (`load_anchors`)
-    threshold: float = 0.60              # tau: least CLIP similarity for a token to count as aesthetic
-    top_k: int = 8                       # at most k aesthetic tokens (Eq. 5)
+    threshold: float = 0.60              # tau: least CLIP similarity for a word to count as aesthetic
+    top_k: int = 8                       # at most k aesthetic words (Eq. 5)
+    token_weighting: str = "aesthetic"   # or the ablations "uniform" and "non-aesthetic" (Table 8)
     mask_step: int = 5                   # the step whose dense evaluation records the attention
     record_every: int = 1                # record every n-th cross-attention layer (1: all)
     skip_ratio: float = 0.50             # rho: the share of image tokens in the background
     smooth_sigma: float = 0.0            # Gaussian smoothing of the attention map, in tokens (0: off)
     # SkipSparse
     sparse: bool = True                  # run focus tokens only after the mask step
+    sparse_ffn: bool = True              # the FFN too (off: attention only, the "spatial only (attn)" ablation)
     sparse_refresh: int = 0              # every n-th evaluation after the mask step runs dense (0: never)
     spatial_cfg: bool = True             # Eq. 11; guidance_fg / guidance_bg on focus / background
-    guidance_fg: float = 7.0
+    guidance_fg: float = 7.0             # Lumina-Next's (base 4); each backbone sets its own (SD3: 9 / 2 at base 7)
     guidance_bg: float = 1.0
     # StepCache
     step_cache: bool = True
@@ -86,14 +94,20 @@ class AccelAesConfig:
         if not 0 < self.skip_ratio < 1:
             problems.append(f"skip_ratio {self.skip_ratio} must lie strictly between 0 and 1")
         if (self.sparse or self.spatial_cfg) and not 0 <= self.mask_step < steps - 1:  # a mask is built
-            problems.append(f"mask_step {self.mask_step} must be at least 0 and before the last step "
-                            f"({steps - 1}); lower it or sample more steps")
+            if steps < 2:
+                problems.append(f"{steps} step leaves no step after the mask step for the focus set: sample "
+                                "more steps, or run without AccelAes' spatial parts")
+            else:
+                problems.append(f"mask_step {self.mask_step} must be at least 0 and before the last step "
+                                f"({steps - 1}); lower it or sample more steps")
         if self.warmup < 2:
             problems.append(f"warmup {self.warmup} must be at least 2: extrapolation needs two computed steps")
         if self.interval < 1:
             problems.append(f"interval {self.interval} must be at least 1")
         if self.top_k < 1:
             problems.append(f"top_k {self.top_k} must be at least 1")
+        if self.token_weighting not in TOKEN_WEIGHTINGS:
+            problems.append(f"token_weighting {self.token_weighting!r} must be one of {', '.join(TOKEN_WEIGHTINGS)}")
         if self.record_every < 1:
             problems.append(f"record_every {self.record_every} must be at least 1")
         if self.sparse_refresh < 0:
@@ -104,6 +118,10 @@ class AccelAesConfig:
             problems.append("the anchor list is empty")
         if problems:
             raise ValueError("; ".join(problems))
+
+
+# AesMask's token weights (paper Eq. 5) and the two ablations of Table 8.
+TOKEN_WEIGHTINGS = ("aesthetic", "uniform", "non-aesthetic")
 
 
 def load_anchors(path: str | Path) -> tuple[str, ...]:
@@ -134,8 +152,15 @@ Embed = Callable[[list[str]], torch.Tensor]   # phrases -> L2-normalised embeddi
 
 
 def clip_phrase_embedder(model, tokenizer) -> Embed:
-    """Phrase embedding of method.md 1a: CLIP's final-LN states averaged over the phrase's own
-    tokens (start/end tokens excluded), L2-normalised; the 0.60 threshold was tuned on it."""
+    """Phrase embedding of docs/method.md (AesMask): CLIP's final-LN states averaged over the
+    phrase's own tokens (start/end tokens excluded), L2-normalised.
+
+    Always in fp32: the 0.60 threshold was tuned on fp32 embeddings, and a bf16 / fp16 CLIP-L
+    (SD3's, FLUX's) moves similarities near it by a few thousandths. A model in another dtype is
+    copied to fp32 once, here (CLIP-L's text tower is 0.5 GB in fp32)."""
+    if model.embeddings.token_embedding.weight.dtype != torch.float32:
+        model = copy.deepcopy(model).float()
+
     def embed(phrases: list[str]) -> torch.Tensor:
         ids = tokenizer(phrases).to(model.embeddings.token_embedding.weight.device)
         with torch.no_grad():
@@ -144,7 +169,7 @@ def clip_phrase_embedder(model, tokenizer) -> Embed:
         end = (ids == tokenizer.eot_id).int().argmax(dim=1, keepdim=True)
         inside = ((positions > 0) & (positions < end)).float()[:, :, None]
         mean = (states * inside).sum(1) / inside.sum(1).clamp_min(1)
-        return F.normalize(mean, dim=-1)
+        return F.normalize(mean, dim=-1).cpu()
     return embed
 
 
@@ -177,66 +202,92 @@ def _word_text(pieces: list[str]) -> str:
 
 
 def _scoreable(text: str) -> str | None:
-    """The word stripped of surrounding punctuation, or None if it cannot be aesthetic."""
+    """The word lowercased and stripped of surrounding punctuation, or None if it cannot be
+    aesthetic. This normal form is what makes a word the same word in every segment."""
     word = re.sub(r"^\W+|\W+$", "", text.lower())
     if len(word) <= 1 or word in STOP_WORDS or not re.search(r"[^\W\d_]", word):
         return None
     return word
 
 
+def piece_words(pieces: list[str | None], style: str) -> list[str | None]:
+    """The normal form of the word each piece belongs to; None for special, padding and
+    punctuation pieces (a comma glued to "cinematic," is not part of the word) and for words
+    that cannot be aesthetic."""
+    ids = word_ids(pieces, style)
+    words = {w: _word_text([p for p, i in zip(pieces, ids) if i == w]) for w in set(ids) - {None}}
+    return [None if i is None or re.fullmatch(r"[\W_]+", _word_text([p])) else _scoreable(words[i])
+            for p, i in zip(pieces, ids)]
+
+
 @dataclass
 class PromptReport:
     """What AesMask decided for one prompt."""
-    mode: str                                   # "aesthetic", or "uniform" (paper 0.E.3's fallback)
+    mode: str                                   # "aesthetic", "non-aesthetic" or "uniform" (0.E.3's fallback)
     matched: list[tuple[str, str, float]]       # (prompt word, closest anchor, similarity), selected only
-    reason: str = ""                            # why the fallback ran
+    reason: str = ""                            # why uniform weights ran
 
     def describe(self) -> str:
+        words = ", ".join(f"{w} ~ {a} ({s:.2f})" for w, a, s in self.matched)
         if self.mode == "aesthetic":
-            words = ", ".join(f"{w} ~ {a} ({s:.2f})" for w, a, s in self.matched)
-            return f"aesthetic tokens: {words}"
+            return f"aesthetic words: {words}"
+        if self.mode == "non-aesthetic":
+            return f"non-aesthetic weighting (ablation): every prompt token but the aesthetic words {words}"
         return f"uniform token weights ({self.reason})"
 
 
-class AestheticScorer:
-    """Per-token aesthetic weights w_j of a prompt (paper Eq. 4-5, method.md 1a)."""
+Segment = tuple[list[str | None], str]   # one prompt's pieces in one part of the text sequence, and their style
 
-    def __init__(self, embed: Embed | None, anchors: tuple[str, ...], threshold: float, top_k: int):
+
+class AestheticScorer:
+    """Per-token aesthetic weights w_j of a prompt (paper Eq. 4-5, docs/method.md).
+
+    One decision per prompt: the prompt's words (from every segment of its text sequence, in
+    their normal form) are scored once, the top-k words scoring at least tau are selected, and
+    every token of a selected word carries its score in every segment. Top-k runs over words,
+    not tokens, so a word split into several pieces is never cut in half, and at most k words
+    are selected however many tokenizers the backbone runs."""
+
+    def __init__(self, embed: Embed | None, anchors: tuple[str, ...], threshold: float, top_k: int,
+                 weighting: str = "aesthetic"):
         self.embed, self.anchors, self.threshold, self.top_k = embed, anchors, threshold, top_k
+        self.weighting = weighting
         self.anchor_vectors = embed(list(anchors)) if embed is not None else None
 
-    def word_scores(self, words: list[str]) -> list[tuple[float, str]]:
-        """(max cosine similarity over the anchors, that anchor) of each word; 0 for non-words."""
-        scoreable = [_scoreable(w) for w in words]
-        todo = sorted({w for w in scoreable if w})
-        scores = {}
-        if todo:
-            similarity = self.embed(todo) @ self.anchor_vectors.T          # Eq. 4: [words, anchors]
-            best, which = similarity.max(dim=1)                             # Eq. 5: s_j = max_a
-            scores = {w: (best[i].item(), self.anchors[which[i]]) for i, w in enumerate(todo)}
-        return [scores.get(w, (0.0, "")) if w else (0.0, "") for w in scoreable]
+    def word_scores(self, words: list[str]) -> dict[str, tuple[float, str]]:
+        """(max cosine similarity over the anchors, that anchor) of each distinct normal-form word."""
+        todo = sorted(set(words))
+        if not todo:
+            return {}
+        similarity = self.embed(todo) @ self.anchor_vectors.T          # Eq. 4: [words, anchors]
+        best, which = similarity.max(dim=1)                             # Eq. 5: s_j = max over anchors
+        return {w: (best[i].item(), self.anchors[which[i]]) for i, w in enumerate(todo)}
 
-    def weights(self, pieces: list[str | None], style: str) -> tuple[torch.Tensor, PromptReport]:
-        """w [L] over one prompt's key positions, and the report."""
+    def select(self, words: list[str]) -> dict[str, tuple[float, str]]:
+        """The aesthetic words: the top-k of those scoring at least tau (ties: the earlier word)."""
+        scores = self.word_scores(words)
+        order = list(dict.fromkeys(words))                              # first appearance
+        eligible = [w for w in order if scores[w][0] >= self.threshold]
+        eligible.sort(key=lambda w: -scores[w][0])                      # stable: ties keep prompt order
+        return {w: scores[w] for w in eligible[:self.top_k]}
+
+    def weights(self, segments: list[Segment]) -> tuple[torch.Tensor, PromptReport]:
+        """w over one prompt's key positions, every segment's in order, and the report."""
+        pieces = [p for segment, _ in segments for p in segment]
         real = torch.tensor([p is not None for p in pieces], dtype=torch.float32)
+        if self.weighting == "uniform":
+            return real, PromptReport("uniform", [], "asked for: --token-weighting uniform")
         if self.embed is None:
             return real, PromptReport("uniform", [], "no CLIP text encoder given")
-        ids = word_ids(pieces, style)
-        count = 1 + max((i for i in ids if i is not None), default=-1)
-        words = [_word_text([p for p, i in zip(pieces, ids) if i == w]) for w in range(count)]
-        per_word = self.word_scores(words)
-        # Every token of a word gets the word's score, but a punctuation piece of it ("cat" "," ) none.
-        token_scores = torch.tensor([0.0 if i is None or re.fullmatch(r"[\W_]+", _word_text([p])) else per_word[i][0]
-                                     for p, i in zip(pieces, ids)])
-        eligible = token_scores >= self.threshold
-        if not eligible.any():
+        words = [w for segment, style in segments for w in piece_words(segment, style)]
+        chosen = self.select([w for w in words if w is not None])
+        if not chosen:
             return real, PromptReport("uniform", [], f"no prompt word reaches similarity {self.threshold}")
-        chosen = torch.topk(torch.where(eligible, token_scores, -torch.inf),
-                            min(self.top_k, int(eligible.sum()))).indices
-        weights = torch.zeros(len(pieces))
-        weights[chosen] = token_scores[chosen]
-        matched_words = sorted({ids[j] for j in chosen.tolist()})
-        matched = [(words[w], per_word[w][1], per_word[w][0]) for w in matched_words]
+        matched = [(w, anchor, score) for w, (score, anchor) in chosen.items()]
+        in_chosen = torch.tensor([w in chosen for w in words])
+        if self.weighting == "non-aesthetic":
+            return real * ~in_chosen, PromptReport("non-aesthetic", matched)
+        weights = torch.tensor([chosen[w][0] if w in chosen else 0.0 for w in words])
         return weights, PromptReport("aesthetic", matched)
 
 
@@ -248,28 +299,35 @@ class CrossAttentionRecorder:
     """A probe for the attention primitive: reduces each recorded layer's image-to-text attention
     to A_l(i) = mean over heads of sum_j w_j alpha_ij / sum_j w_j, and averages over layers (Eq. 6).
 
-    Only the conditional rows (the first `rows` of the batch) are recorded. A layer is reduced
-    to an N-vector before the next one runs, head by head in chunks, so no layer's full map is
-    ever held.
+    Models hand it to each layer through `for_layer(index)`, which answers None for the layers
+    that are not recorded (every `every`-th layer is, counted by the model's layer index). Only
+    the conditional rows of the model batch are recorded: `cond_rows[b]` is prompt b's. A layer
+    is reduced to an N-vector before the next one runs, head by head in chunks, so no layer's
+    full map is ever held.
     """
 
-    def __init__(self, weights: torch.Tensor, every: int = 1, head_chunk: int = 4):
+    def __init__(self, weights: torch.Tensor, cond_rows: list[int], every: int = 1, head_chunk: int = 4):
         self.weights = weights            # [B, L] token weights of the conditional prompts
+        self.cond_rows = torch.as_tensor(cond_rows)
         self.every, self.head_chunk = every, head_chunk
-        self.calls = 0
         self.layers = 0
         self.total: torch.Tensor | None = None
 
+    def for_layer(self, index: int) -> "CrossAttentionRecorder | None":
+        return self if index % self.every == 0 else None
+
     def record(self, q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | None, scale: float,
                bias: torch.Tensor | None = None) -> None:
-        layer, self.calls = self.calls, self.calls + 1
-        if layer % self.every:
-            return
-        rows = self.weights.shape[0]
-        q, k = q[:rows].float(), k[:rows].float()
+        if k.shape[2] != self.weights.shape[1]:
+            raise ValueError(f"the model showed the probe {k.shape[2]} text keys, but the prompt's segments list "
+                             f"{self.weights.shape[1]}: the pipeline's segments must name every text key in order")
+        rows = self.cond_rows.to(q.device)
+        q, k = q[rows].float(), k[rows].float()
+        if bias is not None and bias.shape[0] > 1:
+            bias = bias[rows]
         weights = self.weights.to(q.device)
         if key_mask is not None:
-            weights = weights * key_mask[:rows].to(weights.dtype)
+            weights = weights * key_mask[rows].to(weights.dtype)
         heads = q.shape[1]
         k = k.repeat_interleave(heads // k.shape[1], dim=1)   # grouped-query: each key head serves a group
         layer_map = torch.zeros(q.shape[0], q.shape[2], device=q.device)
@@ -279,7 +337,7 @@ class CrossAttentionRecorder:
             if bias is not None:
                 logits = logits + bias[:, start:start + self.head_chunk].float()
             if key_mask is not None:
-                logits = logits.masked_fill(~key_mask[:rows, None, None, :].bool(), -torch.inf)
+                logits = logits.masked_fill(~key_mask[rows, None, None, :].bool(), -torch.inf)
             layer_map += (logits.softmax(dim=-1) @ weights[:, None, :, None]).squeeze(-1).sum(dim=1)
         layer_map /= heads * weights.sum(dim=-1, keepdim=True).clamp_min(1e-12)
         self.total = layer_map if self.total is None else self.total + layer_map
@@ -345,41 +403,79 @@ def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 class SkipSparse:
     """A block runner (see the module docstring) with two modes.
 
-    dense:  the block runs as usual and the increment it adds to each background token (gated
-            attention output plus gated FFN output) is kept, for every block.
-    sparse: the block computes the increment of the focus tokens only (attention queries, output
-            projection and FFN for them, against keys/values of all tokens, Eq. 9-10); each
-            background token gets the increment kept at the most recent dense evaluation, so
-            every block's output keeps the dense shape.
-    Before the focus set is known (the mask step), the dense mode keeps the increments of all
-    tokens; `set_focus` then keeps the background's.
+    dense:  the block runs as usual, and for every block the increment it adds to each image
+            token (gated attention output plus gated FFN output) is kept: of all image tokens
+            before the focus set is known (the mask step), of the background afterwards.
+            Text tokens are never kept: sparse evaluations always compute them.
+    sparse: the block computes the increment of the focus rows only (text rows, then the
+            focus image rows: attention queries, output projection and FFN for them, against
+            keys/values of all tokens, Eq. 9-10); each background token gets the increment kept
+            at the most recent dense evaluation, so every block's output keeps the dense shape.
+
+    sparse_ffn False is the paper's "spatial only (attn)" ablation: only the attention is
+    sparse. The kept increments are then the attention's alone, and the FFN runs for every
+    token on its (computed or kept) attended state.
+
+    The block sequence is [text (text_tokens rows) | image (image_tokens rows)], checked on the
+    first call: a model that put its text after the image would be told, not silently misread.
     """
 
-    def __init__(self):
-        self.focus: torch.Tensor | None = None        # [B_model, |F|]
-        self.background: torch.Tensor | None = None
+    def __init__(self, text_tokens: int = 0, image_tokens: int | None = None, sparse_ffn: bool = True):
+        self.text_tokens, self.image_tokens, self.sparse_ffn = text_tokens, image_tokens, sparse_ffn
+        self.focus: torch.Tensor | None = None        # [R, text_tokens + |F|] rows of the block sequence
+        self.background: torch.Tensor | None = None   # [R, N - |F|] rows of the block sequence
         self.increments: dict[int, torch.Tensor] = {}
         self.dense = True
 
     def set_focus(self, focus: torch.Tensor, background: torch.Tensor) -> None:
-        """Called once, after the dense evaluation that kept every token's increments."""
-        self.focus, self.background = focus, background
-        self.increments = {i: _rows(inc, background) for i, inc in self.increments.items()}
+        """focus, background: image-token indices [R, |F|], [R, N - |F|] per model batch row.
+        Called once, after the dense evaluation that kept every image token's increments; they are
+        cut to the background block by block, so the full and the cut copy of all blocks never
+        coexist."""
+        L = self.text_tokens
+        text = torch.arange(L, device=focus.device).expand(focus.shape[0], -1)
+        self.focus, self.background = torch.cat([text, focus + L], dim=1), background + L
+        for index in list(self.increments):
+            self.increments[index] = _rows(self.increments[index], background)
+
+    def _keep(self, index: int, increment: torch.Tensor) -> None:
+        if self.background is None:
+            if self.image_tokens is not None and increment.shape[1] != self.text_tokens + self.image_tokens:
+                raise ValueError(f"a block's sequence has {increment.shape[1]} tokens, but the pipeline declared "
+                                 f"{self.text_tokens} text tokens followed by {self.image_tokens} image tokens")
+            self.increments[index] = increment[:, self.text_tokens:]
+        else:
+            self.increments[index] = _rows(increment, self.background)
 
     def __call__(self, index: int, block, x: torch.Tensor, step) -> torch.Tensor:
-        if self.dense:
+        if self.dense and self.sparse_ffn:
             increment = block.increment(x, step)
-            self.increments[index] = increment if self.background is None else _rows(increment, self.background)
+            self._keep(index, increment)
             return x + increment
-        rows = _rows(x, self.focus) + block.increment(x, step, focus=self.focus)
-        out = torch.empty_like(x)
-        out.scatter_(1, self.focus[:, :, None].expand_as(rows), rows)
-        background = _rows(x, self.background) + self.increments[index]
-        return out.scatter_(1, self.background[:, :, None].expand_as(background), background)
+        if self.dense:
+            attended = block.attention_increment(x, step)
+            self._keep(index, attended)
+            return x + attended + block.ffn_increment(x, attended, step)
+        if self.sparse_ffn:
+            computed = _rows(x, self.focus) + block.increment(x, step, focus=self.focus)
+            kept = _rows(x, self.background) + self.increments[index]
+            return _scatter(x, (self.focus, computed), (self.background, kept))
+        attended = _scatter(x, (self.focus, block.attention_increment(x, step, focus=self.focus)),
+                            (self.background, self.increments[index]))
+        return x + attended + block.ffn_increment(x, attended, step)
+
+
+def _scatter(like: torch.Tensor, *parts: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """A tensor shaped as `like` [B, N, D] whose rows index [B, K] hold values [B, K, D], per part;
+    the parts together cover every row."""
+    out = torch.empty_like(like)
+    for index, values in parts:
+        out.scatter_(1, index[:, :, None].expand_as(values), values)
+    return out
 
 
 def sparse_flop_ratio(forward: Callable[[SkipSparse], object], grid: tuple[int, int], skip_ratio: float,
-                      text_tokens: int = 0, batch: int = 2) -> float:
+                      text_tokens: int = 0, batch: int = 2, sparse_ffn: bool = True) -> float:
     """Matmul FLOPs of a sparse evaluation over a dense one, as torch's FlopCounterMode counts them.
 
     forward(block_runner) runs one evaluation of the model (on the meta device it costs nothing:
@@ -388,14 +484,12 @@ def sparse_flop_ratio(forward: Callable[[SkipSparse], object], grid: tuple[int, 
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    runner = SkipSparse()
+    runner = SkipSparse(text_tokens, grid[0] * grid[1], sparse_ffn)
     with FlopCounterMode(display=False) as dense:
         forward(runner)
     mask = build_focus_mask(torch.arange(grid[0] * grid[1], dtype=torch.float32)[None], grid, skip_ratio)
     device = next(iter(runner.increments.values())).device
-    text = torch.arange(text_tokens).expand(batch, -1)
-    runner.set_focus(torch.cat([text, mask.focus.expand(batch, -1) + text_tokens], dim=1).to(device),
-                     (mask.background.expand(batch, -1) + text_tokens).to(device))
+    runner.set_focus(mask.focus.expand(batch, -1).to(device), mask.background.expand(batch, -1).to(device))
     runner.dense = False
     with FlopCounterMode(display=False) as sparse:
         forward(runner)
@@ -447,51 +541,77 @@ class RunStats:
         return self.dense + self.sparse
 
 
+def _clock(device: torch.device) -> float:
+    """perf_counter once the device's queued work is done: CUDA runs asynchronously."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 @dataclass
 class AccelAes:
-    """The method's state for one generation. Use: start(...), then velocity(...) every step."""
+    """The method's state for one generation. Use: start(...), then at every step
+    prediction(...) and guidance(...) (pipelines/sampling.py's loop does both)."""
     config: AccelAesConfig
     scorer: AestheticScorer
     stats: RunStats = field(default_factory=RunStats)
     reports: list[PromptReport] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)     # what a run should tell its user, once
     mask: FocusMask | None = None
 
     @classmethod
     def create(cls, config: AccelAesConfig, embed: Embed | None = None) -> "AccelAes":
-        return cls(config, AestheticScorer(embed, config.anchors, config.threshold, config.top_k))
+        scorer = AestheticScorer(embed, config.anchors, config.threshold, config.top_k, config.token_weighting)
+        return cls(config, scorer)
 
     def start(self, *, segments: list[tuple[list[list[str | None]], str]], grid: tuple[int, int],
-              latent_size: tuple[int, int], steps: int, guided: bool, text_tokens: int = 0) -> None:
+              latent_size: tuple[int, int], steps: int, rows: BatchRows, text_tokens: int = 0) -> None:
         """Called by the pipeline once the prompts are tokenised.
 
         segments: the text sequence the image attends to, as (pieces, style) parts in order
         (Lumina: Gemma's; SD3: CLIP's then T5's), pieces[b][j] the text of key j of prompt b or
         None for special and padding keys. grid: image tokens (rows, cols); latent_size: (H, W)
-        of the latents; guided: the batch holds [cond, uncond] (CFG); text_tokens: how many text
+        of the latents; rows: the model batch's layout: `rows.prompt_of_row[r]` is the prompt row r
+        serves, `rows.cond_row[b]` prompt b's conditional row, `rows.guided` whether CFG runs
+        (pipelines/sampling.py's BatchRows; nothing here assumes an order); text_tokens: how many text
         tokens precede the image tokens in the blocks' sequence (joint attention: SD3, FLUX),
         which sparse evaluations always compute.
         """
         config = self.config
         config.check(steps)
-        self.stats, self.reports, self.mask = RunStats(), [], None
-        self.grid, self.latent_size, self.guided, self.text_tokens = grid, latent_size, guided, text_tokens
-        prompts = len(segments[0][0])
-        rows = []
-        for b in range(prompts):
-            parts = [self.scorer.weights(pieces[b], style) for pieces, style in segments]
-            rows.append(torch.cat([w for w, _ in parts]))
-            self.reports.append(_merge_reports([r for _, r in parts]))
-        self.token_weights = torch.stack(rows)
-        self.needs_mask = config.sparse or (config.spatial_cfg and guided)
+        self.stats, self.reports, self.notes, self.mask = RunStats(), [], [], None
+        self.grid, self.latent_size, self.rows = grid, latent_size, rows
+        weights = []
+        for b in range(len(rows.cond_row)):
+            w, report = self.scorer.weights([(pieces[b], style) for pieces, style in segments])
+            weights.append(w)
+            self.reports.append(report)
+        self.token_weights = torch.stack(weights)
+        self.spatial_cfg = config.spatial_cfg and rows.guided
+        self.needs_mask = config.sparse or self.spatial_cfg
         always = (config.mask_step,) if self.needs_mask else ()
         self.computed = (computed_steps(steps, config.warmup, config.interval, always) if config.step_cache
                          else [True] * steps)
+        if config.step_cache and all(self.computed):
+            self.notes.append(f"StepCache: {steps} steps with warmup {config.warmup} leave no step to extrapolate; "
+                              "every step runs the model (sample more steps, or lower --warmup)")
         self.history: list[tuple[float, torch.Tensor]] = []
-        self.skip_sparse = SkipSparse()
+        self.skip_sparse = SkipSparse(text_tokens, grid[0] * grid[1], config.sparse_ffn)
         self.evaluations_after_mask = 0
+        self.guidance_map: torch.Tensor | None = None
 
-    def velocity(self, step: int, sigmas: torch.Tensor, evaluate: Callable[..., torch.Tensor]) -> torch.Tensor:
-        """The prediction at `step`: computed (dense, recorded or sparse) or extrapolated."""
+    def prediction(self, step: int, sigmas: torch.Tensor, evaluate: Callable[..., torch.Tensor]) -> torch.Tensor:
+        """The model batch's unguided predictions at `step` (conditional and unconditional rows):
+        computed (dense, recorded or sparse) or extrapolated.
+
+        StepCache extrapolates these, never the guided velocity, and the caller applies the
+        guidance in force at the step (`guidance`) afterwards. CFG is linear in (cond, uncond),
+        so under constant guidance this equals extrapolating the guided velocity; across the
+        switch from uniform to spatial CFG after the mask step it stays right, where an
+        extrapolated guided velocity would mix the two (at the defaults step 8 would get 8.5 on
+        focus tokens and -0.5 on the background). Chosen over restarting the history at the
+        switch: it costs no evaluation, and stays right if guidance ever varies per step.
+        """
         config, sigma = self.config, float(sigmas[step])
         if not self.computed[step]:
             self.stats.extrapolated += 1
@@ -506,49 +626,43 @@ class AccelAes:
         self.history = (self.history + [(sigma, prediction)])[-2:]
         return prediction
 
+    def guidance(self, step: int) -> torch.Tensor | None:
+        """The guidance in force at `step`: the spatial map (Eq. 11) after the mask step, or None
+        for the pipeline's own uniform scale. The mask step itself is guided uniformly: its
+        evaluation is what builds the mask."""
+        return self.guidance_map if step > self.config.mask_step else None
+
     def _mask_step(self, evaluate) -> torch.Tensor:
         """One dense evaluation that records the attention (and keeps the increments for SkipSparse)."""
-        recorder = CrossAttentionRecorder(self.token_weights, self.config.record_every)
-        prediction = evaluate(probe=recorder, block_runner=self.skip_sparse if self.config.sparse else None)
+        config = self.config
+        recorder = CrossAttentionRecorder(self.token_weights, list(self.rows.cond_row), config.record_every)
+        prediction = evaluate(probe=recorder, block_runner=self.skip_sparse if config.sparse else None)
         self.stats.dense += 1
-        started = time.perf_counter()
-        self.mask = build_focus_mask(recorder.affinity(), self.grid, self.config.skip_ratio,
-                                     self.config.smooth_sigma)
-        # The model's batch is [cond, uncond] under CFG: both halves use the prompt's focus set.
-        # In a joint sequence the image tokens follow the text tokens, all of which stay in focus.
-        copies = 2 if self.guided else 1
-        focus, background = (m.repeat(copies, 1).to(prediction.device) + self.text_tokens
-                             for m in (self.mask.focus, self.mask.background))
-        text = torch.arange(self.text_tokens, device=prediction.device).expand(focus.shape[0], -1)
-        self.skip_sparse.set_focus(torch.cat([text, focus], dim=1), background)
+        started = _clock(prediction.device)
+        self.mask = build_focus_mask(recorder.affinity(), self.grid, config.skip_ratio, config.smooth_sigma)
+        # Every row of the model batch takes the focus set of the prompt it serves.
+        of_prompt = torch.tensor(self.rows.prompt_of_row)
+        focus, background = (m[of_prompt].to(prediction.device) for m in (self.mask.focus, self.mask.background))
+        self.skip_sparse.set_focus(focus, background)
         self.skip_sparse.dense = False
-        self.guidance_map = (spatial_guidance(self.mask.soft, self.grid, self.latent_size, self.config.guidance_fg,
-                                              self.config.guidance_bg) if self.config.spatial_cfg and self.guided
-                             else None)
-        self.stats.mask_seconds += time.perf_counter() - started
+        if self.spatial_cfg:
+            self.guidance_map = spatial_guidance(self.mask.soft, self.grid, self.latent_size, config.guidance_fg,
+                                                 config.guidance_bg).to(prediction.device)
+        self.stats.mask_seconds += _clock(prediction.device) - started
         return prediction
 
     def _after_mask(self, evaluate) -> torch.Tensor:
         config = self.config
         self.evaluations_after_mask += 1
-        kwargs = {} if self.guidance_map is None else {"guidance": self.guidance_map}
         if not config.sparse:
             self.stats.dense += 1
-            return evaluate(**kwargs)
+            return evaluate()
         refresh = config.sparse_refresh > 0 and self.evaluations_after_mask % config.sparse_refresh == 0
         self.skip_sparse.dense = refresh
-        prediction = evaluate(block_runner=self.skip_sparse, **kwargs)
+        prediction = evaluate(block_runner=self.skip_sparse)
         self.skip_sparse.dense = False
         if refresh:
             self.stats.dense += 1
         else:
             self.stats.sparse += 1
         return prediction
-
-
-def _merge_reports(reports: list[PromptReport]) -> PromptReport:
-    """One report per prompt when its text sequence has several segments (SD3: CLIP and T5)."""
-    matched = sorted({m for r in reports for m in r.matched}, key=lambda m: -m[2])
-    if any(r.mode == "aesthetic" for r in reports):
-        return PromptReport("aesthetic", matched)
-    return PromptReport("uniform", [], reports[0].reason)

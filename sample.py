@@ -26,13 +26,11 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from accelaes import AccelAes, AccelAesConfig, clip_phrase_embedder, load_anchors
+from accelaes import TOKEN_WEIGHTINGS, AccelAes, AccelAesConfig, clip_phrase_embedder, load_anchors
 from models.checkpoint import CheckpointError
 from models.clip import CLIPTokenizer, load_clip
-from models.lumina_pipeline import LuminaNextPipeline, LuminaSettings
-from models.sampling import check_size
-from models.flux_pipeline import FluxPipeline, FluxSettings
-from models.sd3_pipeline import SD3Pipeline, SD3Settings
+from pipelines import REGISTRY
+from pipelines.sampling import check_size
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -40,16 +38,23 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ACCELAES_HELP = {
     "anchors": "text file of aesthetic anchor phrases, one a line (default: the paper's 34)",
     "threshold": "least CLIP similarity to an anchor for a prompt word to count as aesthetic",
-    "top_k": "at most this many aesthetic prompt tokens weight the attention map",
+    "top_k": "at most this many aesthetic prompt words weight the attention map",
+    "token_weighting": "which prompt tokens weight the attention map: the aesthetic words (the method), every "
+                       "token (uniform) or every token but the aesthetic words (non-aesthetic); the last two "
+                       "are the paper's Table 8 ablations",
     "mask_step": "step (from 0) whose dense evaluation records the attention and builds the mask",
     "record_every": "record every n-th cross-attention layer (1: all, as the paper)",
     "skip_ratio": "share of image tokens left in the background (not recomputed)",
     "smooth_sigma": "Gaussian smoothing of the attention map, in tokens (0: off)",
     "sparse": "compute only the focus tokens after the mask step (SkipSparse)",
+    "sparse_ffn": "SkipSparse skips the FFN of background tokens too; --no-sparse-ffn runs it for every token "
+                  "(the paper's 'spatial only (attn)' ablation)",
     "sparse_refresh": "run every n-th evaluation after the mask step densely to refresh the background (0: never)",
     "spatial_cfg": "guide focus and background tokens with their own scales (spatial CFG)",
-    "guidance_fg": "guidance scale on focus tokens, with spatial CFG",
-    "guidance_bg": "guidance scale on background tokens, with spatial CFG",
+    "guidance_fg": "guidance scale on focus tokens, with spatial CFG (default: the backbone's: 7.0 Lumina-Next, "
+                   "9.0 SD3)",
+    "guidance_bg": "guidance scale on background tokens, with spatial CFG (default: the backbone's: 1.0 "
+                   "Lumina-Next, 2.0 SD3)",
     "step_cache": "extrapolate the prediction of skipped steps (StepCache)",
     "warmup": "steps computed before StepCache starts skipping",
     "interval": "after the warmup, compute every n-th step and extrapolate the others",
@@ -60,30 +65,18 @@ class UsageError(ValueError):
     """A mistake in the command line: the message names it and the fix."""
 
 
-@dataclass(frozen=True)
-class Model:
-    """What sample.py needs to know of a backbone."""
-    title: str
-    pipeline: type                 # from_folder(folder, dtype, device) -> pipeline
-    settings: type                 # the pipeline's settings dataclass (steps, guidance, shift, ...)
-    accelaes: AccelAesConfig       # the method's defaults on this backbone
-
-
-MODELS = {
-    "lumina-next": Model("Lumina-Next", LuminaNextPipeline, LuminaSettings, AccelAesConfig()),
-    # The paper keeps SD3 on StepCache: its spatial path and spatial CFG are options (method.md 2).
-    "sd3": Model("SD3", SD3Pipeline, SD3Settings, AccelAesConfig(sparse=False, spatial_cfg=False)),
-    # FLUX-dev is guidance-distilled: no CFG, so no spatial CFG; the spatial path is an option.
-    "flux": Model("FLUX", FluxPipeline, FluxSettings, AccelAesConfig(sparse=False, spatial_cfg=False)),
-}
-LUMINA_ONLY = ("solver", "scaling_watershed", "no_proportional_attn")
+# Flags that set a field of the pipeline's settings; each applies to the backbones whose
+# settings have that field.
+SETTINGS_FLAGS = {"steps": "steps", "guidance": "guidance", "shift": "shift", "solver": "solver",
+                  "max_sequence_length": "max_sequence_length", "scaling_watershed": "scaling_watershed",
+                  "no_proportional_attn": "proportional_attn"}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Generate an image from a prompt. Without --weights, a small built-in model with "
                     "random weights runs instead (see weights.md for the real ones).")
-    parser.add_argument("--model", choices=sorted(MODELS), default="lumina-next",
+    parser.add_argument("--model", choices=sorted(REGISTRY), default="lumina-next",
                         help="which diffusion transformer to run (default: %(default)s)")
     parser.add_argument("--prompt", default="a photo of a cat", help="what to draw (default: %(default)r)")
     parser.add_argument("--negative-prompt", default="",
@@ -103,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="classifier-free guidance scale, 1 turns it off (default: the model's: 4.0 "
                              "Lumina-Next, 7.0 SD3); for FLUX-dev the distilled guidance it is given (3.5)")
     parser.add_argument("--max-sequence-length", type=int, default=None,
-                        help="FLUX: T5 tokens of the prompt (default: 512 dev, 256 schnell)")
+                        help="text tokens of the prompt: Gemma's (Lumina-Next) or T5's (SD3, FLUX); longer "
+                             "prompts are cut (default: 256; FLUX-dev 512)")
     parser.add_argument("--height", type=int, default=None,
                         help="image height in pixels, a multiple of 16 (default: 1024 with --weights, "
                              "256 for the random model)")
@@ -126,8 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="torch device to run on (default: %(default)s)")
     parser.add_argument("--text-device", default=None,
-                        help="SD3 and FLUX: device of the text encoders, e.g. cpu to keep T5's 9.5 GB off the "
-                             "GPU (default: as --device)")
+                        help="device of the text encoders, e.g. cpu to keep T5's 9.5 GB off the GPU "
+                             "(default: as --device)")
     method = parser.add_argument_group("AccelAes (on by default; the defaults shown are Lumina-Next's: SD3 "
                                        "and FLUX run StepCache alone unless --sparse / --spatial-cfg is given)")
     method.add_argument("--dense", action="store_true", help="turn AccelAes off: every step runs the whole model")
@@ -147,6 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
         flag = "--" + name.replace("_", "-")
         if name == "anchors":
             method.add_argument(flag, type=Path, default=None, help=text)
+        elif name == "token_weighting":
+            method.add_argument(flag, choices=TOKEN_WEIGHTINGS, default=None, help=f"{text} (default: {default})")
+        elif name in ("guidance_fg", "guidance_bg"):
+            method.add_argument(flag, type=float, default=None, help=text)
         elif isinstance(default, bool):
             method.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
                                 help=f"{text} (default: {'on' if default else 'off'})")
@@ -156,17 +154,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def model_settings(args: argparse.Namespace):
-    """The pipeline settings: the model's defaults, overridden by the flags given."""
-    settings = MODELS[args.model].settings()
-    given = {"steps": args.steps, "guidance": args.guidance, "shift": args.shift, "solver": args.solver,
-             "max_sequence_length": args.max_sequence_length,
-             "scaling_watershed": args.scaling_watershed,
-             "proportional_attn": None if args.no_proportional_attn is None else not args.no_proportional_attn}
-    return replace(settings, **{k: v for k, v in given.items() if v is not None})
+    """The pipeline settings: the model's defaults, overridden by the flags given. A flag whose
+    field this backbone's settings lack is refused, naming the backbones it applies to."""
+    Settings = REGISTRY[args.model].pipeline.Settings
+    given = {}
+    for flag, name in SETTINGS_FLAGS.items():
+        value = getattr(args, flag)
+        if value is None:
+            continue
+        if name not in Settings.__dataclass_fields__:
+            takers = [model for model, backbone in REGISTRY.items() if name in backbone.pipeline.Settings.__dataclass_fields__]
+            raise UsageError(f"--{flag.replace('_', '-')} applies to --model {' and '.join(takers)} only")
+        given[name] = (not value) if flag.startswith("no_") else value
+    return replace(Settings(), **given)
 
 
 def accelaes_config(args: argparse.Namespace) -> AccelAesConfig:
-    config = MODELS[args.model].accelaes
+    config = AccelAesConfig(**REGISTRY[args.model].accelaes)
     given = {name: getattr(args, name) for name in ACCELAES_HELP if name != "anchors"}
     config = replace(config, **{k: v for k, v in given.items() if v is not None})
     if args.anchors is not None:
@@ -182,24 +186,14 @@ def check_args(args: argparse.Namespace) -> None:
     args.height = args.height or (1024 if args.weights else 256)
     args.width = args.width or args.height
     args.dtype = args.dtype or ("bf16" if str(args.device).startswith("cuda") else "fp32")
+    pipeline = REGISTRY[args.model].pipeline
     try:
-        check_size(args.height, args.width, MODELS[args.model].title)
+        check_size(args.height, args.width, pipeline.title)
     except ValueError as error:
         raise UsageError(f"--{error}") from None
     if args.steps is not None and args.steps < 1:
         raise UsageError(f"--steps {args.steps}: use at least 1")
-    if args.model != "lumina-next":
-        given = [name for name in LUMINA_ONLY if getattr(args, name) is not None]
-        if given:
-            raise UsageError(f"--{given[0].replace('_', '-')} applies to --model lumina-next only")
-    if args.model != "flux" and args.max_sequence_length is not None:
-        raise UsageError("--max-sequence-length applies to --model flux only")
-    if args.model == "lumina-next" and args.text_device is not None:
-        raise UsageError("--text-device applies to --model sd3 and --model flux only")
-    if args.model != "lumina-next":
-        if args.weights is None:
-            raise UsageError(f"--model {args.model} needs --weights (the built-in random model is Lumina-Next's): "
-                             "see weights.md")
+    model_settings(args)
     if args.output.suffix.lower() != ".png":
         raise UsageError(f"--output {args.output}: the image is written as PNG; name it *.png")
     if args.output.exists() and not args.overwrite:
@@ -222,9 +216,9 @@ def check_args(args: argparse.Namespace) -> None:
             config = accelaes_config(args)
         except ValueError as error:
             raise UsageError(str(error)) from None
-        # FLUX has no CFG, so spatial CFG builds no mask there.
-        if args.save_mask and not (config.sparse or (config.spatial_cfg and args.model != "flux")):
-            raise UsageError(f"--save-mask: this run builds no mask ({MODELS[args.model].title} runs StepCache alone "
+        # Without CFG (FLUX) spatial CFG builds no mask.
+        if args.save_mask and not (config.sparse or (config.spatial_cfg and pipeline.classifier_free)):
+            raise UsageError(f"--save-mask: this run builds no mask ({pipeline.title} runs StepCache alone "
                              "by default); add --sparse")
         if args.solver not in (None, "euler"):
             raise UsageError(f"--solver {args.solver}: AccelAes extrapolates Euler steps; add --dense")
@@ -294,8 +288,8 @@ def load_embedder(args: argparse.Namespace, pipeline):
     """The CLIP phrase embedder for AesMask: --clip, or the pipeline's own CLIP-L (SD3, FLUX), or
     a clip-vit-large-patch14/ folder in --weights; None (uniform token weights) without one."""
     folder = args.clip
-    if folder is None and getattr(pipeline, "clip_l", None) is not None:
-        return clip_phrase_embedder(pipeline.clip_l, pipeline.clip_l_tokenizer)
+    if folder is None and pipeline.aesmask_clip() is not None:
+        return clip_phrase_embedder(*pipeline.aesmask_clip())
     if folder is None and args.weights is not None and (args.weights / "clip-vit-large-patch14").is_dir():
         folder = args.weights / "clip-vit-large-patch14"
     if folder is None:
@@ -306,25 +300,28 @@ def load_embedder(args: argparse.Namespace, pipeline):
 
 
 def load_pipeline(args: argparse.Namespace):
+    pipeline = REGISTRY[args.model].pipeline
     if args.weights is None:
-        print("No --weights given: running a small built-in model with RANDOM weights, so the picture "
-              "is noise. weights.md lists the released weights and where to download them.",
+        print(f"No --weights given: running a small built-in {pipeline.title} model with RANDOM weights, so the "
+              "picture is noise. weights.md lists the released weights and where to download them.",
               file=sys.stderr)
-        pipeline = LuminaNextPipeline.tiny_random(seed=0)
-        pipeline.transformer.to(args.device, DTYPES[args.dtype])
-        pipeline.text_encoder.to(args.device, DTYPES[args.dtype])
-        pipeline.vae.to(args.device)
-        return pipeline, "built-in random model"
+        return pipeline.random(seed=0).to(args.device, DTYPES[args.dtype]), "built-in random model"
     print(f"loading {args.model} from {args.weights} ...", file=sys.stderr)
-    options = {} if args.text_device is None else {"text_device": args.text_device}
-    return MODELS[args.model].pipeline.from_folder(args.weights, DTYPES[args.dtype], args.device, **options), args.model
+    return pipeline.from_folder(args.weights, DTYPES[args.dtype], args.device, text_device=args.text_device), args.model
+
+
+def clock(device: str) -> float:
+    """perf_counter once the device's queued work is done: CUDA runs asynchronously."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def generate(pipeline, args, settings, accel: AccelAes | None) -> tuple[torch.Tensor, float]:
-    started = time.perf_counter()
+    started = clock(args.device)
     _, images = pipeline.generate([args.prompt], [args.negative_prompt], seed=args.seed, height=args.height,
                                   width=args.width, settings=settings, progress=progress_bar, accelerator=accel)
-    return images[0], time.perf_counter() - started
+    return images[0], clock(args.device) - started
 
 
 def print_comparison(dense_seconds: float, fast_seconds: float, accel: AccelAes, quality: float, steps: int) -> None:
@@ -343,9 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         check_args(args)
         started = time.perf_counter()
         pipeline, model = load_pipeline(args)
-        settings = model_settings(args)
-        if hasattr(pipeline, "defaults"):  # FLUX: dev and schnell have their own steps and T5 length
-            settings = pipeline.defaults(settings)
+        settings = pipeline.resolve(model_settings(args))
         parameters = {"model": model, "weights": str(args.weights) if args.weights else None,
                       "prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": args.seed,
                       "height": args.height, "width": args.width, "dtype": args.dtype, **settings.__dict__}
@@ -361,7 +356,12 @@ def main(argv: list[str] | None = None) -> int:
                               settings=replace(settings, steps=1))
         image, seconds = generate(pipeline, args, settings, accel)
         if accel is not None:
+            for note in accel.notes:
+                print(note, file=sys.stderr)
             print(f"AesMask: {accel.reports[0].describe()}", file=sys.stderr)
+            if accel.guidance_map is not None:
+                print(f"spatial CFG: {accel.config.guidance_fg} on focus tokens, {accel.config.guidance_bg} on the "
+                      f"background (base scale {settings.guidance})", file=sys.stderr)
             print(f"AccelAes: {accel.stats.dense} dense, {accel.stats.sparse} sparse evaluations, "
                   f"{accel.stats.extrapolated} steps extrapolated ({seconds:.1f} s)", file=sys.stderr)
             parameters["accelaes"] = {"config": {k: v for k, v in accel.config.__dict__.items() if k != "anchors"},

@@ -19,6 +19,10 @@ import torch.nn.functional as F
 
 
 class AttentionProbe(Protocol):
+    def for_layer(self, index: int) -> "AttentionProbe | None":
+        """Asked by a model before its layer `index` (counted from 0 over the layers that can show
+        attention): the probe that layer's attention is shown, or None to show it nothing."""
+
     def record(self, q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | None, scale: float,
                bias: torch.Tensor | None = None) -> None:
         """Called with q [B, Hq, Nq, D], k [B, Hkv, Nk, D], key_mask [B, Nk], the softmax scale and

@@ -9,12 +9,13 @@ A path can be
   - an HF / diffusers component folder (`config.json` beside its weights, sharded or not),
   - a legacy `.pth` / `.bin` / `.pt` file, read only with `torch.load(weights_only=True)`.
 
-Safetensors files are parsed here (an 8-byte header length, a JSON header, then raw
-little-endian bytes) and each tensor is read with `readinto` straight into the tensor that
-the model keeps. Nothing is memory-mapped, so the resident memory of a load stays near one
-copy of the weights (see `tests/test_checkpoint.py::test_peak_memory`).
+Safetensors files are opened with the safetensors library, which checks a header against its
+file before anything is read and memory-maps the data. Each tensor is copied out of the map
+when it is loaded, into memory the model owns: the anonymous memory of a load stays near one
+copy of the weights (see `tests/test_checkpoint.py::test_peak_memory`), and the mapped pages of
+the file are page cache the system can drop.
 
-Which checkpoint key becomes which parameter is the job of `models/layouts.py`.
+Which checkpoint key becomes which parameter is said by each model's layout (models/keys.py).
 """
 
 from __future__ import annotations
@@ -22,77 +23,51 @@ from __future__ import annotations
 import json
 import os
 import re
-import struct
 from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
+# CheckpointError lives in keys.py, the module every other imports; the models take it from here.
+from .keys import CheckpointError, Layout, describe
 
-class CheckpointError(ValueError):
-    """A problem with a user's weights: its message names the problem and the fix."""
-
-
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-}
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 
 
 class _SafetensorsFile:
-    """The header of one .safetensors file; tensors are read on demand."""
+    """One .safetensors file, read through the safetensors library, one tensor at a time."""
 
     def __init__(self, path: Path):
         self.path = path
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise CheckpointError(f"{path} is empty or truncated ({size} bytes): download it again")
-            (header_len,) = struct.unpack("<Q", head)
-            if header_len > min(size - 8, 100_000_000):
-                raise CheckpointError(f"{path} is not a safetensors file (or its header is damaged): "
-                                      "download it again")
-            try:
-                header = json.loads(f.read(header_len))
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                raise CheckpointError(f"{path} has an unreadable header: download it again") from None
-        self.metadata = header.pop("__metadata__", None) or {}
-        self.data_start = 8 + header_len
-        self.entries = header
-        data_end = max((e["data_offsets"][1] for e in header.values()), default=0)
-        if self.data_start + data_end > size:
-            raise CheckpointError(
-                f"{path} is truncated: its header needs {self.data_start + data_end:,} bytes, "
-                f"the file has {size:,}; download it again")
+        try:
+            self._file = safe_open(path, framework="pt")
+        except SafetensorError as error:  # a short file: "incomplete metadata, file not fully covered"
+            raise CheckpointError(f"{path} is truncated, damaged or not a safetensors file "
+                                  f"({_first_line(error)}): download it again") from None
+        except OSError as error:
+            raise CheckpointError(f"{path} cannot be opened ({error.strerror or error})") from None
 
     def keys(self) -> Iterable[str]:
-        return self.entries.keys()
+        return self._file.keys()
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self.entries[key]["shape"])
+        return tuple(self._file.get_slice(key).get_shape())
 
     def read(self, key: str) -> torch.Tensor:
-        entry = self.entries[key]
-        dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
-        if dtype is None:
-            raise CheckpointError(f"{self.path}: tensor {key} has dtype {entry['dtype']}, which this "
-                                  "project cannot read; use a file saved in fp32, fp16, bf16 or fp8")
-        tensor = torch.empty(entry["shape"], dtype=dtype)
-        begin, end = entry["data_offsets"]
-        buffer = tensor.reshape(-1).view(torch.uint8).numpy()
-        if buffer.nbytes != end - begin:
-            raise CheckpointError(f"{self.path}: tensor {key} has {end - begin} bytes for shape "
-                                  f"{entry['shape']} in {entry['dtype']}; the file is damaged")
-        with open(self.path, "rb") as f:
-            f.seek(self.data_start + begin)
-            if f.readinto(buffer) != buffer.nbytes:
-                raise CheckpointError(f"{self.path} ended while reading {key}: download it again")
-        return tensor
+        try:
+            tensor = self._file.get_tensor(key)
+        except SafetensorError as error:  # e.g. a dtype torch has no type for
+            raise CheckpointError(f"{self.path}: tensor {key} cannot be read ({_first_line(error)}); "
+                                  "use a file saved in fp32, fp16, bf16 or fp8") from None
+        # get_tensor gives a view of the file's memory map: the copy is the model's own, so the
+        # model neither pins the file's pages nor breaks if the file is replaced while it lives.
+        return tensor.clone()
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().split("\n")[0]
 
 
 class _TorchFile:
@@ -109,7 +84,6 @@ class _TorchFile:
             if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
                 state = state[wrapper]
         self.tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-        self.metadata = {}
 
     def keys(self) -> Iterable[str]:
         return self.tensors.keys()
@@ -213,11 +187,11 @@ def find_file(path: str | os.PathLike, names: tuple[str, ...], what: str, fix: s
     raise CheckpointError(f"{path} holds no {' or '.join(names)}: {fix}")
 
 
-def load_into(model: nn.Module, checkpoint: Checkpoint, layout, dtype: torch.dtype | None = None,
+def load_into(model: nn.Module, checkpoint: Checkpoint, layout: Layout, dtype: torch.dtype | None = None,
               device: torch.device | str = "cpu") -> nn.Module:
     """Fill `model` (usually built on the meta device) from `checkpoint` through `layout`.
 
-    `layout` (see models/layouts.py) maps each parameter name of the model to the checkpoint
+    `layout` (see models/keys.py) maps each parameter name of the model to the checkpoint
     key(s) it is read from. Keys are checked strictly first, so nothing is read from a file
     that does not fit. Floating-point tensors are cast to `dtype` one at a time.
     """
@@ -238,9 +212,7 @@ def load_into(model: nn.Module, checkpoint: Checkpoint, layout, dtype: torch.dty
     return model.requires_grad_(False).eval()
 
 
-def _check_keys(model: nn.Module, checkpoint: Checkpoint, layout, expected: dict) -> None:
-    from .layouts import describe  # layouts imports this module
-
+def _check_keys(model: nn.Module, checkpoint: Checkpoint, layout: Layout, expected: dict) -> None:
     missing = [name for name in expected if name not in layout.mapping]
     used = {key for source in layout.mapping.values() for key in source.keys}
     unexpected = [k for k in layout.scope(checkpoint.keys()) if k not in used]
@@ -267,7 +239,9 @@ def build_on_meta(factory: Callable[[], nn.Module]) -> nn.Module:
         return factory()
 
 
-def load_model(path_or_checkpoint: str | os.PathLike | Checkpoint, find_layout, build,
+def load_model(path_or_checkpoint: str | os.PathLike | Checkpoint,
+               find_layout: Callable[[list[str], str | None], Layout],
+               build: Callable[[dict[str, tuple[int, ...]], dict | None], nn.Module],
                prefix: str | None = None, dtype: torch.dtype | None = None,
                device: torch.device | str = "cpu") -> nn.Module:
     """The one way every model here is loaded.
@@ -278,7 +252,10 @@ def load_model(path_or_checkpoint: str | os.PathLike | Checkpoint, find_layout, 
     and filled from the file. Pass an open Checkpoint to read several models from one file.
     """
     checkpoint = path_or_checkpoint if isinstance(path_or_checkpoint, Checkpoint) else Checkpoint(path_or_checkpoint)
-    layout = find_layout(checkpoint.keys(), prefix)
+    try:
+        layout = find_layout(checkpoint.keys(), prefix)
+    except CheckpointError as error:
+        raise CheckpointError(f"{checkpoint.path}: {error}") from None
     shapes = layout.shapes(checkpoint.shape)
     try:
         model = build_on_meta(lambda: build(shapes, checkpoint.config))

@@ -8,8 +8,8 @@ The model is a pre-LN transformer with a causal mask and learned positions:
     for each layer:  x = x + attn(ln1(x));  x = x + mlp(ln2(x))
     last = final_layer_norm(x);  pooled = last[eos position];  projected = text_projection(pooled)
 
-Parameters are named after transformers (see models/layouts.py, which also reads OpenCLIP
-files); every size is inferred from the checkpoint's tensor shapes, with config.json (when
+Parameters are named after transformers (`clip_layout` below also reads OpenCLIP files);
+every size is inferred from the checkpoint's tensor shapes, with config.json (when
 the file has one) settling what shapes cannot say.
 
 The tokenizer is built on the `tokenizers` library and gives the ids transformers'
@@ -23,6 +23,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +33,7 @@ from torch import nn
 
 from .attention import attention, merge_heads, split_heads
 from .checkpoint import Checkpoint, CheckpointError, load_model
-from .layouts import clip_layout
+from .keys import Chunk, Layout, Shapes, Source, Transposed, ends_with_name, find_prefix, renamed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -60,16 +61,12 @@ class CLIPParams:
         follow the two released towers: 64-wide heads, and quick_gelu only for OpenAI's width 768.
         """
         config = _clip_text_config(config)
-        vocab_size, width = shapes["embeddings.token_embedding.weight"]
-        max_positions = shapes["embeddings.position_embedding.weight"][0]
-        mlp_width = shapes["encoder.layers.0.mlp.fc1.weight"][0]
-        layers = 1 + max(int(m.group(1)) for name in shapes
-                         if (m := re.match(r"encoder\.layers\.(\d+)\.", name)))
-        projection = shapes.get("text_projection.weight")
-
-        if config.get("hidden_size", width) != width:
-            raise CheckpointError(f"config.json describes a CLIP of width {config['hidden_size']} but the "
-                                  f"weights have width {width}; use the config.json that came with them")
+        s = Shapes(shapes, config, "CLIP text tower")
+        vocab_size, width = s["embeddings.token_embedding.weight"]
+        max_positions = s["embeddings.position_embedding.weight"][0]
+        mlp_width = s["encoder.layers.0.mlp.fc1.weight"][0]
+        projection = s["text_projection.weight"][0] if "text_projection.weight" in s else None
+        s.agree("hidden_size", width, "width")
         heads = config.get("num_attention_heads") or max(1, width // 64)
         if width % heads:
             raise CheckpointError(f"CLIP width {width} does not split into {heads} attention heads; "
@@ -82,10 +79,9 @@ class CLIPParams:
         # at argmax(ids), which is the first end-of-text token because it is the largest id.
         eos = config.get("eos_token_id")
         eos = eos if isinstance(eos, int) and eos != 2 else vocab_size - 1
-        return cls(vocab_size=vocab_size, width=width, layers=layers, heads=heads, mlp_width=mlp_width,
-                   max_positions=max_positions, activation=activation,
-                   projection_dim=projection[0] if projection is not None else None,
-                   eos_token_id=eos, eps=config.get("layer_norm_eps") or 1e-5)
+        return cls(vocab_size=vocab_size, width=width, layers=s.count("encoder.layers"), heads=heads,
+                   mlp_width=mlp_width, max_positions=max_positions, activation=activation,
+                   projection_dim=projection, eos_token_id=eos, eps=config.get("layer_norm_eps") or 1e-5)
 
 
 def _clip_text_config(config: dict | None) -> dict:
@@ -101,6 +97,63 @@ def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
 
 
 _ACTIVATIONS = {"quick_gelu": _quick_gelu, "gelu": F.gelu}
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint layouts. Ours: transformers' names without the `text_model.` level:
+#   embeddings.{token,position}_embedding.weight, encoder.layers.N.self_attn.{q,k,v,out}_proj.*,
+#   encoder.layers.N.layer_norm{1,2}.*, encoder.layers.N.mlp.fc{1,2}.*, final_layer_norm.*,
+#   text_projection.weight (absent when the file has none).
+# ---------------------------------------------------------------------------------------------
+
+_HF_MARKER = "text_model.final_layer_norm.weight"
+_OPENCLIP_MARKER = "transformer.resblocks.0.attn.in_proj_weight"
+# transformers 5 saves a bare CLIPTextModel without the `text_model.` level: our names exactly.
+_BARE_MARKER = "embeddings.token_embedding.weight"
+
+_OPENCLIP_RULES = [
+    (r"^transformer\.resblocks\.", "encoder.layers."),
+    (r"\.ln_1\.", ".layer_norm1."), (r"\.ln_2\.", ".layer_norm2."),
+    (r"\.attn\.out_proj\.", ".self_attn.out_proj."),
+    (r"\.mlp\.c_fc\.", ".mlp.fc1."), (r"\.mlp\.c_proj\.", ".mlp.fc2."),
+    (r"^ln_final\.", "final_layer_norm."),
+    (r"^token_embedding\.", "embeddings.token_embedding."),
+    (r"^positional_embedding$", "embeddings.position_embedding.weight"),
+]
+
+
+def clip_layout(keys: Iterable[str], prefix: str | None = None) -> Layout:
+    """The CLIP text tower in a file of transformers' layout or of OpenCLIP's."""
+    keys = list(keys)
+    # The bare marker also ends the transformers layout's keys, so it is looked for only when
+    # neither full layout is there.
+    if any(ends_with_name(k, m) for k in keys for m in (_HF_MARKER, _OPENCLIP_MARKER)):
+        prefix, marker = find_prefix(keys, [_HF_MARKER, _OPENCLIP_MARKER], "CLIP text", prefix)
+    else:
+        prefix, marker = find_prefix(keys, [_BARE_MARKER], "CLIP text", prefix)
+    if marker == _BARE_MARKER:
+        ignore = (r"embeddings\.position_ids$",)
+        return Layout("transformers CLIP", prefix, renamed(keys, prefix, [], ignore), ignore)
+    if marker == _HF_MARKER:
+        # A full CLIPModel file also holds the image tower; position_ids is a stale buffer.
+        ignore = (r"text_model\.embeddings\.position_ids$", r"vision_model\.", r"visual_projection\.",
+                  r"logit_scale$")
+        return Layout("transformers CLIP", prefix, renamed(keys, prefix, [(r"^text_model\.", "")], ignore), ignore)
+
+    # OpenCLIP: fused q|k|v, a bare positional table, and text_projection applied as x @ P.
+    mapping: dict[str, Source] = {}
+    ignore = (r"visual\.", r"logit_scale$", r"attn_mask$")
+    for name, source in renamed(keys, prefix, _OPENCLIP_RULES, ignore).items():
+        fused = re.match(r"(encoder\.layers\.\d+)\.attn\.in_proj_(weight|bias)$", name)
+        if fused:
+            layer, kind = fused.groups()
+            for index, projection in enumerate("qkv"):
+                mapping[f"{layer}.self_attn.{projection}_proj.{kind}"] = Chunk(source.key, 3, index)
+        elif name == "text_projection":
+            mapping["text_projection.weight"] = Transposed(source.key)
+        else:
+            mapping[name] = source
+    return Layout("OpenCLIP", prefix, mapping, ignore)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,15 +267,9 @@ def load_clip(path_or_checkpoint: str | os.PathLike | Checkpoint, prefix: str | 
     `text_encoders.clip_l.transformer.` and `text_encoders.clip_g.transformer.`); pass an open
     Checkpoint to read several models from one file without parsing it twice.
     """
-    def build(shapes: dict[str, tuple[int, ...]], config: dict | None) -> CLIPTextModel:
-        for needed in ("embeddings.token_embedding.weight", "embeddings.position_embedding.weight",
-                       "encoder.layers.0.mlp.fc1.weight"):
-            if needed not in shapes:
-                raise CheckpointError(f"the CLIP text tower lacks {needed}; the file is incomplete: "
-                                      "download it again")
-        return CLIPTextModel(CLIPParams.from_shapes(shapes, config))
-
-    return load_model(path_or_checkpoint, clip_layout, build, prefix=prefix, dtype=dtype, device=device)
+    return load_model(path_or_checkpoint, clip_layout,
+                      lambda shapes, config: CLIPTextModel(CLIPParams.from_shapes(shapes, config)),
+                      prefix=prefix, dtype=dtype, device=device)
 
 
 # ---------------------------------------------------------------------------------------------

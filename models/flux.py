@@ -5,7 +5,8 @@ checked number for number against diffusers' `FluxTransformer2DModel`, called th
 `FluxPipeline` calls it (tests/test_flux.py).
 
 Parameter names are the original BFL ones (`flux1-dev.safetensors`); the diffusers layout is
-renamed onto them by `flux_layout` in models/layouts.py.
+renamed onto them by `flux_layout`. Both `flux_layout` and the sizes (`FluxParams`, read from a
+checkpoint's shapes) are in models/flux_params.py.
 
 The model sees one sequence: T5 text tokens first, then image tokens (2x2 patches of the 16
 latent channels, "packed" to 64 features). Positions enter only through a 3-axis RoPE, from ids
@@ -31,8 +32,7 @@ queries, output projections and MLPs for the focus rows only, keys and values of
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, NamedTuple
 
 import torch
@@ -41,121 +41,12 @@ from torch import Tensor, nn
 
 from .attention import AttentionProbe, attention, merge_heads, split_heads
 from .layers import apply_rope, rms_normalize, timestep_sinusoids
-from .checkpoint import Checkpoint, CheckpointError, load_model
-from .layouts import flux_layout
+from .checkpoint import Checkpoint, load_model
+from .flux_params import FluxParams, flux_layout
 
 # Sinusoids of the timestep and guidance embeddings; both scale their input by 1000 first.
 _TIME_FREQUENCIES = 256
 _TIME_FACTOR = 1000.0
-
-
-# ---------------------------------------------------------------------------------------------
-# Hyper-parameters
-# ---------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class FluxParams:
-    """Sizes of a FLUX transformer. The defaults are FLUX.1 [dev]; [schnell] has guidance_embed=False."""
-    in_channels: int = 64          # 16 latent channels x 2x2 patch, packed (c, ph, pw)
-    out_channels: int = 64
-    hidden: int = 3072
-    heads: int = 24
-    depth: int = 19                # double-stream blocks
-    depth_single: int = 38         # single-stream blocks
-    context_dim: int = 4096        # T5-XXL width
-    vec_dim: int = 768             # CLIP-L pooled width
-    mlp_ratio: float = 4.0
-    axes_dim: tuple[int, ...] = (16, 56, 56)  # RoPE dims per id axis (unused, row, col); sums to head_dim
-    theta: int = 10000
-    guidance_embed: bool = True    # dev is guidance-distilled; schnell has no guidance_in
-    qkv_bias: bool = True
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden // self.heads
-
-    @property
-    def mlp_hidden(self) -> int:
-        return int(self.hidden * self.mlp_ratio)
-
-    @property
-    def blocks(self) -> int:
-        return self.depth + self.depth_single
-
-    @classmethod
-    def from_shapes(cls, shapes: dict[str, tuple[int, ...]], config: dict | None = None,
-                    axes_dim: tuple[int, ...] | None = None) -> "FluxParams":
-        """Infer the sizes from the tensor shapes of a checkpoint (in OUR parameter names).
-
-        Everything is readable from the shapes, the head size included (the QKNorm scales are
-        [head_dim]), except how the head splits over the three RoPE axes. That comes from, in
-        order: `axes_dim` given here, a diffusers config.json (`axes_dims_rope`), or the
-        release's (16, 56, 56) when the head size is its 128. A config.json's other entries are
-        cross-checked against the shapes.
-        """
-        config = config or {}
-
-        def shape(name: str) -> tuple[int, ...]:
-            if name not in shapes:
-                raise CheckpointError(f"the checkpoint has no {name}: it is not a complete FLUX transformer")
-            return tuple(shapes[name])
-
-        def agree(what: str, from_shapes, key: str) -> None:
-            if config.get(key) is not None and config[key] != from_shapes:
-                raise CheckpointError(f"config.json says {key}={config[key]} but the weights have {what} "
-                                      f"{from_shapes}: the config belongs to another model")
-
-        def count(kind: str) -> int:
-            return 1 + max((int(m.group(1)) for name in shapes
-                            if (m := re.match(kind + r"\.(\d+)\.", name))), default=-1)
-
-        hidden, in_channels = shape("img_in.weight")
-        agree("in_channels", in_channels, "in_channels")
-        depth, depth_single = count("double_blocks"), count("single_blocks")
-        if depth + depth_single == 0:
-            raise CheckpointError("the checkpoint has no transformer blocks (double_blocks.N.*, single_blocks.N.*)")
-        agree("double blocks", depth, "num_layers")
-        agree("single blocks", depth_single, "num_single_layers")
-
-        if depth:
-            head_dim = shape("double_blocks.0.img_attn.norm.query_norm.scale")[0]
-            mlp_hidden = shape("double_blocks.0.img_mlp.0.weight")[0]
-        else:
-            head_dim = shape("single_blocks.0.norm.query_norm.scale")[0]
-            mlp_hidden = shape("single_blocks.0.linear2.weight")[1] - hidden
-        heads, rest = divmod(hidden, head_dim)
-        if rest:
-            raise CheckpointError(f"width {hidden} is not a whole number of heads of size {head_dim}")
-        agree("head size", head_dim, "attention_head_dim")
-        agree("attention heads", heads, "num_attention_heads")
-        mlp_ratio = mlp_hidden / hidden
-        if int(hidden * mlp_ratio) != mlp_hidden:
-            raise CheckpointError(f"MLP width {mlp_hidden} is not a ratio of the width {hidden} this code can rebuild")
-
-        context_dim = shape("txt_in.weight")[1]
-        agree("text width", context_dim, "joint_attention_dim")
-        vec_dim = shape("vector_in.in_layer.weight")[1]
-        agree("pooled text width", vec_dim, "pooled_projection_dim")
-        guidance_embed = "guidance_in.in_layer.weight" in shapes
-        agree("guidance embedding", guidance_embed, "guidance_embeds")
-
-        if axes_dim is None and config.get("axes_dims_rope") is not None:
-            axes_dim = tuple(config["axes_dims_rope"])
-        if axes_dim is None:
-            axes_dim = cls.axes_dim
-            if sum(axes_dim) != head_dim:
-                raise CheckpointError(
-                    f"the head size is {head_dim}, not the release's {sum(cls.axes_dim)}, and nothing says how it "
-                    "splits over the three RoPE axes: load it from a diffusers folder whose config.json has "
-                    "axes_dims_rope, or pass axes_dim")
-        axes_dim = tuple(int(d) for d in axes_dim)
-        if sum(axes_dim) != head_dim or any(d % 2 for d in axes_dim):
-            raise CheckpointError(f"RoPE axes {axes_dim} must be even and sum to the head size {head_dim}")
-
-        return cls(in_channels=in_channels, out_channels=shape("final_layer.linear.weight")[0], hidden=hidden,
-                   heads=heads, depth=depth, depth_single=depth_single, context_dim=context_dim, vec_dim=vec_dim,
-                   mlp_ratio=mlp_ratio, axes_dim=axes_dim, guidance_embed=guidance_embed,
-                   qkv_bias=("double_blocks.0.img_attn.qkv.bias" in shapes) if depth else True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,27 +241,18 @@ class DoubleStreamBlock(nn.Module):
         self.txt_norm2 = _layer_norm(p.hidden)
         self.txt_mlp = _mlp(p.hidden, p.mlp_hidden)
 
-    @staticmethod
-    def _stream_increment(x: Tensor, o: Tensor, mods: tuple[ModulationOut, ModulationOut], attn: StreamAttention,
-                          norm2: nn.LayerNorm, mlp: nn.Sequential) -> Tensor:
-        """gate1 * proj(o), then the gated MLP of the attended rows: what one stream adds to x's rows."""
-        attn_mod, mlp_mod = mods
-        attended = attn_mod.gate * attn.proj(o)
-        return attended + mlp_mod.gate * mlp(mlp_mod.modulate(norm2(x + attended)))
-
-    def increment(self, tokens: Tensor, step: StepInputs, focus: Tensor | None = None) -> Tensor:
-        """What the block adds to the rows of tokens [B, L+N, D] listed in focus [B, F] ([B, F, D]),
-        every row when focus is None. focus lists all text rows 0..L-1 first, then image rows.
-
-        Queries, output projections and MLPs run for the focus rows (text rows with the txt_*
-        weights, image rows with the img_* ones); keys and values come from every token, so the
-        result is exactly those rows of the dense block (AccelAes paper Eq. 9-10).
+    def attention_increment(self, tokens: Tensor, step: StepInputs, focus: Tensor | None = None) -> Tensor:
+        """What the joint attention adds to the rows of tokens [B, L+N, D] listed in focus [B, F]
+        ([B, F, D]), every row when focus is None. focus lists all text rows 0..L-1 first, then
+        image rows. Queries and output projections run for the focus rows (text rows with the
+        txt_* weights, image rows with the img_* ones); keys and values come from every token, so
+        the result is exactly those rows of the dense block (AccelAes paper Eq. 9).
         """
         L = step.text_tokens
         txt, img = tokens[:, :L], tokens[:, L:]
-        txt_mods, img_mods = self.txt_mod(step.vec), self.img_mod(step.vec)
-        txt_h = txt_mods[0].modulate(self.txt_norm1(txt))
-        img_h = img_mods[0].modulate(self.img_norm1(img))
+        txt_mod, img_mod = self.txt_mod(step.vec)[0], self.img_mod(step.vec)[0]
+        txt_h = txt_mod.modulate(self.txt_norm1(txt))
+        img_h = img_mod.modulate(self.img_norm1(img))
 
         txt_k, txt_v = self.txt_attn.keys_values(txt_h)
         img_k, img_v = self.img_attn.keys_values(img_h)
@@ -378,16 +260,29 @@ class DoubleStreamBlock(nn.Module):
         v = torch.cat([txt_v, img_v], dim=2)
 
         if focus is not None:
-            img_rows = focus[:, L:] - L                 # focus' image rows, as rows of img
-            img, img_h = _rows(img, img_rows), _rows(img_h, img_rows)
+            img_h = _rows(img_h, focus[:, L:] - L)       # focus' image rows, as rows of img
         q = torch.cat([self.txt_attn.queries(txt_h), self.img_attn.queries(img_h)], dim=2)
         q = apply_rope(q, *step.rope_rows(focus))
         # The probe sees the image queries against the (T5) text keys, softmax over the text alone.
         o = merge_heads(attention(q, k, v, probe=step.probe, probe_span=(slice(L, None), slice(0, L))))
+        return torch.cat([txt_mod.gate * self.txt_attn.proj(o[:, :L]), img_mod.gate * self.img_attn.proj(o[:, L:])],
+                         dim=1)
 
-        txt_inc = self._stream_increment(txt, o[:, :L], txt_mods, self.txt_attn, self.txt_norm2, self.txt_mlp)
-        img_inc = self._stream_increment(img, o[:, L:], img_mods, self.img_attn, self.img_norm2, self.img_mlp)
-        return torch.cat([txt_inc, img_inc], dim=1)
+    def ffn_increment(self, rows: Tensor, attended: Tensor, step: StepInputs) -> Tensor:
+        """What the MLPs add to token rows (text rows first) given their attention increments:
+        gate2 * mlp(modulated norm2(rows + attended)), token-wise (Eq. 10)."""
+        L = step.text_tokens
+        txt_mod, img_mod = self.txt_mod(step.vec)[1], self.img_mod(step.vec)[1]
+        u = rows + attended
+        txt = txt_mod.gate * self.txt_mlp(txt_mod.modulate(self.txt_norm2(u[:, :L])))
+        img = img_mod.gate * self.img_mlp(img_mod.modulate(self.img_norm2(u[:, L:])))
+        return torch.cat([txt, img], dim=1)
+
+    def increment(self, tokens: Tensor, step: StepInputs, focus: Tensor | None = None) -> Tensor:
+        """What the block adds to the rows of tokens listed in focus (all rows when None)."""
+        rows = tokens if focus is None else _rows(tokens, focus)
+        attended = self.attention_increment(tokens, step, focus)
+        return attended + self.ffn_increment(rows, attended, step)
 
     def forward(self, tokens: Tensor, step: StepInputs) -> Tensor:
         return tokens + self.increment(tokens, step)
@@ -410,13 +305,14 @@ class SingleStreamBlock(nn.Module):
     def _part(self, h: Tensor, begin: int, end: int) -> Tensor:
         return F.linear(h, self.linear1.weight[begin:end], self.linear1.bias[begin:end])
 
-    def increment(self, tokens: Tensor, step: StepInputs, focus: Tensor | None = None) -> Tensor:
-        """What the block adds to the rows of tokens [B, L+N, D] listed in focus [B, F] ([B, F, D]),
-        every row when focus is None.
+    def attention_increment(self, tokens: Tensor, step: StepInputs, focus: Tensor | None = None) -> Tensor:
+        """The attention's share of what the block adds to the rows of tokens [B, L+N, D] listed in
+        focus [B, F] ([B, F, D]), every row when focus is None: gate * linear2's attention columns
+        applied to the attention output.
 
-        linear1 is applied in three row-slices of its weight (views, nothing copied): q and the
-        MLP input for the focus rows only, k and v for every token. So the background rows cost
-        only their k|v projection, and the result is exactly those rows of the dense block.
+        linear1 is applied in row-slices of its weight (views, nothing copied): q for the focus
+        rows only, k and v for every token. So the background rows cost only their k|v
+        projection, and the result is exactly those rows of the dense block.
         """
         D = self.hidden
         (mod,) = self.modulation(step.vec)
@@ -429,9 +325,20 @@ class SingleStreamBlock(nn.Module):
         q = self.norm.query_norm(split_heads(self._part(h_focus, 0, D), self.heads))
         q = apply_rope(q, *step.rope_rows(focus))
         o = merge_heads(attention(q, k, v))
+        return mod.gate * F.linear(o, self.linear2.weight[:, :D])
 
-        mlp = self.mlp_act(self._part(h_focus, 3 * D, 3 * D + self.mlp_hidden))
-        return mod.gate * self.linear2(torch.cat([o, mlp], dim=-1))
+    def ffn_increment(self, rows: Tensor, attended: Tensor, step: StepInputs) -> Tensor:
+        """The MLP's share, for token rows: it runs in parallel with the attention, on the same
+        modulated pre_norm(rows), so `attended` is not read. linear2's bias is counted here."""
+        D = self.hidden
+        (mod,) = self.modulation(step.vec)
+        mlp = self.mlp_act(self._part(mod.modulate(self.pre_norm(rows)), 3 * D, 3 * D + self.mlp_hidden))
+        return mod.gate * F.linear(mlp, self.linear2.weight[:, D:], self.linear2.bias)
+
+    def increment(self, tokens: Tensor, step: StepInputs, focus: Tensor | None = None) -> Tensor:
+        """What the block adds to the rows of tokens listed in focus (all rows when None)."""
+        rows = tokens if focus is None else _rows(tokens, focus)
+        return self.attention_increment(tokens, step, focus) + self.ffn_increment(rows, None, step)
 
     def forward(self, tokens: Tensor, step: StepInputs) -> Tensor:
         return tokens + self.increment(tokens, step)
@@ -514,10 +421,13 @@ class Flux(nn.Module):
         timesteps = torch.as_tensor(timesteps, device=img.device).reshape(-1).expand(batch)
         if guidance is not None:
             guidance = torch.as_tensor(guidance, device=img.device).reshape(-1).expand(batch)
-        step = self.step_inputs(timesteps, y, guidance, txt_ids, img_ids, probe)
+        step = self.step_inputs(timesteps, y, guidance, txt_ids, img_ids)
         tokens = torch.cat([self.txt_in(txt.to(dtype)), self.img_in(img.to(dtype))], dim=1)
         for index, block in enumerate(self.blocks()):
-            tokens = block_runner(index, block, tokens, step) if block_runner else block(tokens, step)
+            # Only the double blocks show the probe their attention (docs/method.md: AesMask).
+            shown = None if probe is None or index >= len(self.double_blocks) else probe.for_layer(index)
+            block_step = replace(step, probe=shown)
+            tokens = block_runner(index, block, tokens, block_step) if block_runner else block(tokens, block_step)
         return self.final_layer(tokens[:, step.text_tokens:], step.vec)
 
 

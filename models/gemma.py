@@ -14,7 +14,7 @@ so `GemmaEncoder.forward(..., layer=-2)` runs L-1 layers and stops (the last lay
 The model is a pre-norm decoder: RMSNorm with zero-centred weights (x̂ * (1 + w), in fp32),
 multi-query attention with rotate-half RoPE, a causal mask combined with the padding mask,
 and a GELU(tanh)-gated MLP. Parameter names are transformers' GemmaModel names (see
-models/layouts.py `gemma_layout`), so released files load without renaming.
+`gemma_layout`), so released files load without renaming.
 
 `GemmaTokenizer` reproduces transformers' GemmaTokenizer (v5) from the released
 `tokenizer.model` (SentencePiece BPE) or `tokenizer.json`; see its docstring for the rules.
@@ -28,6 +28,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +36,7 @@ from torch import nn
 
 from .attention import attention, merge_heads, split_heads
 from .checkpoint import Checkpoint, CheckpointError, find_file, load_model
-from .layouts import gemma_layout
+from .keys import Layout, Shapes, find_prefix, renamed
 from .sentencepiece_model import BPE, CONTROL, UNKNOWN, USER_DEFINED, read_sentencepiece_model
 
 
@@ -65,21 +66,11 @@ class GemmaParams:
         heads*head_dim != width). config.json's `head_dim` decides; without it, its
         `num_attention_heads`; without a config, Gemma-2B's head_dim of 256.
         """
-        config = config or {}
-
-        def shape(name: str) -> tuple[int, ...]:
-            if name not in shapes:
-                raise CheckpointError(f"this Gemma checkpoint has no {name}; it holds {len(shapes)} tensors "
-                                      "of other names: is it a Gemma (GemmaModel / GemmaForCausalLM) file?")
-            return tuple(shapes[name])
-
-        vocab_size, width = shape("embed_tokens.weight")
-        layer_ids = {int(m.group(1)) for name in shapes if (m := re.match(r"layers\.(\d+)\.", name))}
-        layers = len(layer_ids)
-        if layer_ids != set(range(layers)):
-            raise CheckpointError(f"this Gemma checkpoint has layers {sorted(layer_ids)}: some are missing")
-        q_width = shape("layers.0.self_attn.q_proj.weight")[0]
-        kv_width = shape("layers.0.self_attn.k_proj.weight")[0]
+        s = Shapes(shapes, config, "Gemma (GemmaModel or GemmaForCausalLM)")
+        config = s.config
+        vocab_size, width = s["embed_tokens.weight"]
+        q_width = s["layers.0.self_attn.q_proj.weight"][0]
+        kv_width = s["layers.0.self_attn.k_proj.weight"][0]
         if config.get("head_dim"):
             head_dim = int(config["head_dim"])
         elif config.get("num_attention_heads"):
@@ -91,13 +82,26 @@ class GemmaParams:
                                   f"into heads of {head_dim}: give the model's config.json (its head_dim)")
         rope = config.get("rope_parameters") or {}
         return cls(
-            vocab_size=vocab_size, width=width, layers=layers,
+            vocab_size=vocab_size, width=width, layers=s.count("layers"),
             heads=q_width // head_dim, kv_heads=kv_width // head_dim, head_dim=head_dim,
-            mlp_width=shape("layers.0.mlp.gate_proj.weight")[0],
+            mlp_width=s["layers.0.mlp.gate_proj.weight"][0],
             eps=float(config.get("rms_norm_eps", cls.eps)),
             # transformers 5 writes rope_parameters.rope_theta; older config.json files rope_theta.
             rope_theta=float(rope.get("rope_theta", config.get("rope_theta", cls.rope_theta))),
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint layout. Ours: transformers' GemmaModel names:
+#   embed_tokens.weight, layers.N.self_attn.{q,k,v,o}_proj.weight,
+#   layers.N.mlp.{gate,up,down}_proj.weight, layers.N.{input,post_attention}_layernorm.weight,
+#   norm.weight. GemmaForCausalLM files put them under `model.`; its lm_head is tied and unused.
+# ---------------------------------------------------------------------------------------------
+
+def gemma_layout(keys: Iterable[str], prefix: str | None = None) -> Layout:
+    keys = list(keys)
+    prefix, _ = find_prefix(keys, ["layers.0.mlp.gate_proj.weight"], "Gemma", prefix)
+    return Layout("transformers Gemma", prefix, renamed(keys, prefix, []))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,6 +263,8 @@ class GemmaTokenizer:
     These are the settings of Lumina-Next (padding=True, pad_to_multiple_of=8, max_length=256,
     truncation=True, padding_side="right"). Note that transformers' GemmaTokenizer pads on the
     left unless told otherwise; the original Lumina-Next code sets "right".
+    The BPE is ours, not the sentencepiece library's, whose ids differ from transformers': see
+    models/sentencepiece_model.py.
     """
 
     def __init__(self, path: str | os.PathLike):

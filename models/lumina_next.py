@@ -5,7 +5,7 @@ and 2) and checked number for number against diffusers' `LuminaNextDiT2DModel` c
 its `LuminaPipeline` calls it (tests/test_lumina_next.py).
 
 Parameter names are the original Lumina-T2X ones (`consolidated*.safetensors`); the diffusers
-layout is renamed onto them by `models.layouts.nextdit_layout`.
+layout is renamed onto them by `nextdit_layout`.
 
 What one block computes (x image tokens, y raw Gemma features, c the conditioning vector):
 
@@ -24,9 +24,8 @@ image-to-text attention, without a second copy of the maths.
 from __future__ import annotations
 
 import math
-import re
-from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from dataclasses import dataclass, replace
+from typing import Callable, Iterable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +34,7 @@ from torch import nn
 from .attention import AttentionProbe, attention, merge_heads, split_heads
 from .layers import RMSNorm, TimestepEmbedder, apply_rope
 from .checkpoint import Checkpoint, CheckpointError, load_model
-from .layouts import nextdit_layout
+from .keys import Layout, Shapes, find_prefix, renamed
 
 # The latent grid is 1/8 of the image (SDXL VAE) and a token is a 2x2 latent patch, so one token
 # covers 16x16 pixels: the 1024^2 release sees (1024/16)^2 = 4096 tokens at its training size.
@@ -84,47 +83,35 @@ class NextDiTParams:
         (the original `consolidated*` files have none) the patch size is the release's 2, and
         the training resolution 1024^2 px.
         """
-        config = config or {}
-
-        def shape(name: str) -> tuple[int, ...]:
-            if name not in shapes:
-                raise CheckpointError(f"the checkpoint has no {name}: it is not a complete NextDiT")
-            return tuple(shapes[name])
-
-        def agree(what: str, from_shapes: int, key: str) -> None:
-            if key in config and config[key] is not None and config[key] != from_shapes:
-                raise CheckpointError(f"config.json says {key}={config[key]} but the weights have {what} "
-                                      f"{from_shapes}: the config belongs to another model")
-
-        dim, patch_inputs = shape("x_embedder.weight")
+        s = Shapes(shapes, config, "NextDiT")
+        config = s.config
+        dim, patch_inputs = s["x_embedder.weight"]
         patch_size = int(config.get("patch_size") or 2)
         in_channels, rest_in = divmod(patch_inputs, patch_size ** 2)
-        out_channels, rest_out = divmod(shape("final_layer.linear.weight")[0], patch_size ** 2)
+        out_channels, rest_out = divmod(s["final_layer.linear.weight"][0], patch_size ** 2)
         if rest_in or rest_out:
             raise CheckpointError(f"x_embedder takes {patch_inputs} inputs per token, which is not "
                                   f"{patch_size}x{patch_size} patches of whole channels")
-        agree("in_channels", in_channels, "in_channels")
+        s.agree("in_channels", in_channels, "in_channels")
 
-        layers = 1 + max((int(m.group(1)) for name in shapes
-                          if (m := re.match(r"layers\.(\d+)\.", name))), default=-1)
+        layers = s.count("layers")
         if layers == 0:
             raise CheckpointError("the checkpoint has no transformer layers (layers.N.*)")
-        agree("layers", layers, "num_layers")
+        s.agree("num_layers", layers, "layers")
 
-        heads = shape("layers.0.attention.gate")[0]
-        agree("attention heads", heads, "num_attention_heads")
+        heads = s["layers.0.attention.gate"][0]
+        s.agree("num_attention_heads", heads, "attention heads")
         head_dim, rest = divmod(dim, heads)
         if rest or head_dim % 4:
             # 2D RoPE splits each head into (row, column) halves of complex pairs.
             raise CheckpointError(f"width {dim} over {heads} heads does not give a head size divisible by 4")
-        kv_heads, rest = divmod(shape("layers.0.attention.wk.weight")[0], head_dim)
+        kv_width = s["layers.0.attention.wk.weight"][0]
+        kv_heads, rest = divmod(kv_width, head_dim)
         if rest or heads % kv_heads:
-            raise CheckpointError(f"wk has {shape('layers.0.attention.wk.weight')[0]} rows, not a divisor "
-                                  f"of the {heads} heads of size {head_dim}")
-        agree("key/value heads", kv_heads, "num_kv_heads")
-
-        caption_dim = shape("layers.0.attention.wk_y.weight")[1]
-        agree("caption width", caption_dim, "cross_attention_dim")
+            raise CheckpointError(f"wk has {kv_width} rows, not a divisor of the {heads} heads of size {head_dim}")
+        s.agree("num_kv_heads", kv_heads, "key/value heads")
+        caption_dim = s["layers.0.attention.wk_y.weight"][1]
+        s.agree("cross_attention_dim", caption_dim, "caption width")
 
         # diffusers' pipeline: base_sequence_length = (sample_size * 8 // 16) ** 2 (sample_size in latents).
         sample_size = config.get("sample_size")
@@ -133,10 +120,48 @@ class NextDiTParams:
         return cls(
             patch_size=patch_size, in_channels=in_channels, out_channels=out_channels, dim=dim,
             layers=layers, heads=heads, kv_heads=kv_heads,
-            ffn_dim=shape("layers.0.feed_forward.w1.weight")[0], caption_dim=caption_dim,
-            adaln_dim=shape("t_embedder.mlp.0.weight")[0],
+            ffn_dim=s["layers.0.feed_forward.w1.weight"][0], caption_dim=caption_dim,
+            adaln_dim=s["t_embedder.mlp.0.weight"][0],
             norm_eps=float(config.get("norm_eps") or cls.norm_eps),
-            qk_norm="layers.0.attention.q_norm.weight" in shapes, base_tokens=base_tokens)
+            qk_norm="layers.0.attention.q_norm.weight" in s, base_tokens=base_tokens)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint layouts. Ours: the original Lumina-T2X names (`consolidated*.safetensors`):
+#   x_embedder, t_embedder.mlp.{0,2}, cap_embedder.{0,1}, pad_token, final_layer.{adaLN_modulation.1,linear},
+#   layers.N.attention.{wq,wk,wv,wo,wk_y,wv_y,q_norm,k_norm,ky_norm,gate}, layers.N.attention_norm{1,2},
+#   layers.N.ffn_norm{1,2}, layers.N.attention_y_norm, layers.N.adaLN_modulation.1, layers.N.feed_forward.w{1,2,3}.
+# ---------------------------------------------------------------------------------------------
+
+_ORIGINAL_MARKER = "layers.0.attention.wk_y.weight"
+_DIFFUSERS_MARKER = "layers.0.attn2.to_k.weight"
+_DIFFUSERS_RULES = [
+    (r"\.attn1\.to_q\.", ".attention.wq."), (r"\.attn1\.to_k\.", ".attention.wk."),
+    (r"\.attn1\.to_v\.", ".attention.wv."), (r"\.attn2\.to_k\.", ".attention.wk_y."),
+    (r"\.attn2\.to_v\.", ".attention.wv_y."), (r"\.attn2\.to_out\.0\.", ".attention.wo."),
+    (r"\.attn1\.norm_q\.", ".attention.q_norm."), (r"\.attn1\.norm_k\.", ".attention.k_norm."),
+    (r"\.attn2\.norm_k\.", ".attention.ky_norm."), (r"^(layers\.\d+)\.gate$", r"\1.attention.gate"),
+    (r"\.norm1\.norm\.", ".attention_norm1."), (r"\.norm1\.linear\.", ".adaLN_modulation.1."),
+    (r"\.norm2\.", ".attention_norm2."), (r"\.norm1_context\.", ".attention_y_norm."),
+    (r"\.feed_forward\.linear_(\d)\.", r".feed_forward.w\1."),
+    (r"^patch_embedder\.proj\.", "x_embedder."),
+    (r"^time_caption_embed\.timestep_embedder\.linear_1\.", "t_embedder.mlp.0."),
+    (r"^time_caption_embed\.timestep_embedder\.linear_2\.", "t_embedder.mlp.2."),
+    (r"^time_caption_embed\.caption_embedder\.", "cap_embedder."),
+    (r"^norm_out\.linear_1\.", "final_layer.adaLN_modulation.1."),
+    (r"^norm_out\.linear_2\.", "final_layer.linear."),
+]
+
+
+def nextdit_layout(keys: Iterable[str], prefix: str | None = None) -> Layout:
+    keys = list(keys)
+    prefix, marker = find_prefix(keys, [_ORIGINAL_MARKER, _DIFFUSERS_MARKER], "NextDiT", prefix)
+    if marker == _ORIGINAL_MARKER:
+        return Layout("Lumina-T2X NextDiT", prefix, renamed(keys, prefix, []))
+    # diffusers stores the one shared wq and q_norm twice (attn1 and attn2); every converted
+    # release holds equal copies, so attn1's are read and attn2's are not.
+    ignore = (r"layers\.\d+\.attn2\.to_q\.", r"layers\.\d+\.attn2\.norm_q\.")
+    return Layout("diffusers NextDiT", prefix, renamed(keys, prefix, _DIFFUSERS_RULES, ignore), ignore)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,12 +257,13 @@ class Attention(nn.Module):
         gate = torch.tanh(self.gate).to(cross.dtype)[None, :, None, None]
         return self.wo(merge_heads(own + gate * cross))
 
-    def forward(self, h_q: torch.Tensor, h_kv: torch.Tensor, y: torch.Tensor, text_mask: torch.Tensor,
-                rope_q: tuple[torch.Tensor, torch.Tensor], rope_kv: tuple[torch.Tensor, torch.Tensor],
-                self_scale: float | None, probe: AttentionProbe | None = None) -> torch.Tensor:
+    def forward(self, h_q: torch.Tensor, h_kv: torch.Tensor, text_kv: tuple[torch.Tensor, torch.Tensor],
+                text_mask: torch.Tensor, rope_q: tuple[torch.Tensor, torch.Tensor],
+                rope_kv: tuple[torch.Tensor, torch.Tensor], self_scale: float | None,
+                probe: AttentionProbe | None = None) -> torch.Tensor:
+        """text_kv: `text_keys_values` of the normed caption, which a generation computes once."""
         q = self.queries(h_q, rope_q)
-        return self.mix(q, self.image_keys_values(h_kv, rope_kv), self.text_keys_values(y), text_mask,
-                        self_scale, probe)
+        return self.mix(q, self.image_keys_values(h_kv, rope_kv), text_kv, text_mask, self_scale, probe)
 
 
 class FeedForward(nn.Module):
@@ -268,11 +294,12 @@ BlockRunner = Callable[[int, nn.Module, torch.Tensor, "StepInputs"], torch.Tenso
 class StepInputs:
     """What every block of one forward shares."""
     c: torch.Tensor                          # [B, adaln_dim] timestep + caption conditioning
-    text: torch.Tensor                       # [B, L, caption_dim] raw caption features
     text_mask: torch.Tensor                  # [B, L] bool, True for real tokens
     rope: tuple[torch.Tensor, torch.Tensor]  # cos, sin [N, head_dim/2] fp32 of every image token
     self_scale: float | None                 # softmax scale of the self-attention (None: 1/sqrt(head_dim))
-    probe: AttentionProbe | None = None      # shown every layer's image-to-caption attention
+    # Set per layer by the forward loop:
+    text_kv: tuple[torch.Tensor, torch.Tensor] | None = None   # this layer's caption keys and values
+    probe: AttentionProbe | None = None      # shown this layer's image-to-caption attention, if recorded
 
 
 class NextDiTBlock(nn.Module):
@@ -294,7 +321,12 @@ class NextDiTBlock(nn.Module):
         """Per token: attention_norm1(x) * (1 + scale_msa). A subset of rows gives the subset's input."""
         return self.attention_norm1(x) * (1 + scale_msa)
 
-    def attention_increment(self, x: torch.Tensor, step: StepInputs, m: Modulation,
+    def caption_keys_values(self, cap_feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's caption keys and values: they depend on the caption alone, never on the
+        step, so a generation computes them once (`NextDiT.caption_keys_values`)."""
+        return self.attention.text_keys_values(self.attention_y_norm(cap_feats))
+
+    def attention_increment(self, x: torch.Tensor, step: StepInputs,
                             focus: torch.Tensor | None = None) -> torch.Tensor:
         """tanh(gate_msa) * attention_norm2(attention): what the attention adds to tokens of x [B, N, dim].
 
@@ -302,28 +334,31 @@ class NextDiTBlock(nn.Module):
         projection and the result to those tokens ([B, F, dim]); keys and values still come from
         all N tokens, so focus tokens read the whole image (AccelAes' sparse path, paper Eq. 9).
         """
+        m = self.modulation(step)
         h = self.attention_input(x, m.scale_msa)
-        y = self.attention_y_norm(step.text)
         h_q, rope_q = h, step.rope
         if focus is not None:
             h_q = h.gather(1, focus[:, :, None].expand(-1, -1, h.shape[-1]))
             rope_q = tuple(table[focus][:, None] for table in step.rope)  # [B, 1, F, head_dim/2]
-        o = self.attention(h_q, h, y, step.text_mask, rope_q, step.rope, step.self_scale, step.probe)
+        o = self.attention(h_q, h, step.text_kv, step.text_mask, rope_q, step.rope, step.self_scale, step.probe)
         return torch.tanh(m.gate_msa) * self.attention_norm2(o)
 
-    def ffn_increment(self, x: torch.Tensor, m: Modulation) -> torch.Tensor:
-        """tanh(gate_mlp) * ffn_norm2(FFN(ffn_norm1(x) * (1 + scale_mlp))): token-wise, any subset of x."""
-        return torch.tanh(m.gate_mlp) * self.ffn_norm2(self.feed_forward(self.ffn_norm1(x) * (1 + m.scale_mlp)))
+    def ffn_increment(self, rows: torch.Tensor, attended: torch.Tensor, step: StepInputs) -> torch.Tensor:
+        """What the FFN adds to token rows of x given their attention increments (same rows):
+        tanh(gate_mlp) * ffn_norm2(FFN(ffn_norm1(u) * (1 + scale_mlp))), u = rows + attended.
+        Token-wise, so any subset of rows (paper Eq. 10)."""
+        m = self.modulation(step)
+        u = rows + attended
+        return torch.tanh(m.gate_mlp) * self.ffn_norm2(self.feed_forward(self.ffn_norm1(u) * (1 + m.scale_mlp)))
 
     def increment(self, x: torch.Tensor, step: StepInputs, focus: torch.Tensor | None = None) -> torch.Tensor:
         """What the block adds to the tokens of x [B, N, dim]: attention, then the FFN on the
         attended tokens. With focus [B, F], only those tokens' update is computed ([B, F, dim]):
         their queries still see every token's keys/values (paper Eq. 9), and the FFN runs on
         them alone (Eq. 10)."""
-        m = self.modulation(step)
         rows = x if focus is None else x.gather(1, focus[:, :, None].expand(-1, -1, x.shape[-1]))
-        attended = self.attention_increment(x, step, m, focus)
-        return attended + self.ffn_increment(rows + attended, m)
+        attended = self.attention_increment(x, step, focus)
+        return attended + self.ffn_increment(rows, attended, step)
 
     def forward(self, x: torch.Tensor, step: StepInputs) -> torch.Tensor:
         return x + self.increment(x, step)
@@ -387,11 +422,18 @@ class NextDiT(nn.Module):
         # The scale depends on the number of keys of the self-attention: all N image tokens.
         tokens = grid[0] * grid[1]
         scale = proportional_attention_scale(tokens, p.base_tokens, p.head_dim) if proportional_attn else None
-        return StepInputs(self.conditioning(t, cap_feats, cap_mask), cap_feats, cap_mask.bool(), rope, scale, probe)
+        return StepInputs(self.conditioning(t, cap_feats, cap_mask), cap_mask.bool(), rope, scale, probe=probe)
+
+    def caption_keys_values(self, cap_feats: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every layer's caption keys and values [B, kv_heads, L, head_dim]: a pipeline computes
+        them once per generation and passes them to each forward (`caption_kv`)."""
+        cap_feats = cap_feats.to(self.x_embedder.weight.dtype)
+        return [layer.caption_keys_values(cap_feats) for layer in self.layers]
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | float, cap_feats: torch.Tensor, cap_mask: torch.Tensor, *,
                 rope_linear_factor: float = 1.0, rope_ntk_factor: float = 1.0, proportional_attn: bool = True,
-                probe: AttentionProbe | None = None, block_runner: BlockRunner | None = None) -> torch.Tensor:
+                probe: AttentionProbe | None = None, block_runner: BlockRunner | None = None,
+                caption_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
         """Predict [B, out_channels, H, W] for latents x [B, in_channels, H, W].
 
         t: [B] (or a float) in [0, 1], 0 = noise, 1 = data. cap_feats: [B, L, caption_dim] Gemma
@@ -399,9 +441,11 @@ class NextDiT(nn.Module):
         `time_aware_rope_factors`. Channels 0..in_channels-1 of the output are the velocity
         data - noise; the rest (learn_sigma) are unused.
 
-        probe: shown every layer's image-to-caption attention. block_runner(index, block, tokens,
-        step) -> tokens, if given, runs each block instead of block(tokens, step): AccelAes'
-        sparse path, built on the block's `increment(tokens, step, focus)`.
+        probe: asked `probe.for_layer(index)` for each layer, and that answer, if not None, is
+        shown the layer's image-to-caption attention. block_runner(index, block, tokens, step) ->
+        tokens, if given, runs each block instead of block(tokens, step): AccelAes' sparse path,
+        built on the block's `increment(tokens, step, focus)` (or its attention_increment and
+        ffn_increment). caption_kv: `caption_keys_values(cap_feats)`, computed here when None.
         """
         p = self.params
         batch, _, height, width = x.shape
@@ -411,10 +455,13 @@ class NextDiT(nn.Module):
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(batch)
         step = self.step_inputs(t, cap_feats.to(dtype), cap_mask, (height // p.patch_size, width // p.patch_size),
                                 rope_linear_factor=rope_linear_factor, rope_ntk_factor=rope_ntk_factor,
-                                proportional_attn=proportional_attn, probe=probe)
+                                proportional_attn=proportional_attn)
+        caption_kv = self.caption_keys_values(cap_feats) if caption_kv is None else caption_kv
         tokens = self.x_embedder(self.patchify(x.to(dtype)))
         for index, layer in enumerate(self.layers):
-            tokens = block_runner(index, layer, tokens, step) if block_runner else layer(tokens, step)
+            layer_step = replace(step, text_kv=caption_kv[index],
+                                 probe=None if probe is None else probe.for_layer(index))
+            tokens = block_runner(index, layer, tokens, layer_step) if block_runner else layer(tokens, layer_step)
         return self.unpatchify(self.final_layer(tokens, step.c), height, width)
 
 

@@ -27,8 +27,7 @@ output projections and MLPs for those rows only, but keys and values from every 
 from __future__ import annotations
 
 import math
-import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterable, NamedTuple
 
 import torch
@@ -38,7 +37,7 @@ from torch import nn
 from .attention import AttentionProbe, attention, merge_heads, split_heads
 from .layers import RMSNorm, TimestepEmbedder
 from .checkpoint import Checkpoint, CheckpointError, load_model
-from .layouts import mmdit_layout
+from .keys import Layout, Shapes, SwappedHalves, find_prefix, fused, renamed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -71,87 +70,128 @@ class MMDiTParams:
                     heads: int | None = None) -> "MMDiTParams":
         """Infer the sizes from the tensor shapes of a checkpoint (in OUR parameter names).
 
-        Everything but the number of heads is in the shapes: the width and the patch from the
-        patch convolution, the depth from the joint_blocks present, the position grid from
-        sqrt(pos_embed.shape[1]), qk-norm from the ln_k keys, the dual-attention blocks from the
-        attn2 keys. The heads come, in this order of trust, from `heads` (tests), from the qk-norm
-        weights (one per head channel), from a diffusers config.json (num_attention_heads), and
-        otherwise from the releases' rule of heads of 64 (the sd3.5 reference hard-codes it).
-        A config.json is cross-checked against the shapes.
+        Everything but the number of heads (see `_heads`) is in the shapes: the width and the
+        patch from the patch convolution, the depth from the joint_blocks present, the position
+        grid from sqrt(pos_embed.shape[1]), qk-norm from the ln_k keys, the dual-attention blocks
+        from the attn2 keys. A config.json is cross-checked against the shapes.
         """
-        config = config or {}
+        s = Shapes(shapes, config, "SD3 MMDiT")
+        config = s.config
+        s.agree("_class_name", "SD3Transformer2DModel", "the tensors of an")
 
-        def shape(name: str) -> tuple[int, ...]:
-            if name not in shapes:
-                raise CheckpointError(f"the checkpoint has no {name}: it is not a complete SD3 MMDiT")
-            return tuple(shapes[name])
-
-        def agree(what: str, from_shapes, key: str) -> None:
-            value = config.get(key)
-            if isinstance(value, list):
-                value = tuple(value)
-            if value is not None and value != from_shapes:
-                raise CheckpointError(f"config.json says {key}={config[key]} but the weights have {what} "
-                                      f"{from_shapes}: the config belongs to another model")
-
-        if config.get("_class_name", "SD3Transformer2DModel") != "SD3Transformer2DModel":
-            raise CheckpointError(f"config.json describes a {config['_class_name']}, not an SD3Transformer2DModel")
-
-        hidden, in_channels, patch_size, patch_w = shape("x_embedder.proj.weight")
+        hidden, in_channels, patch_size, patch_w = s["x_embedder.proj.weight"]
         if patch_size != patch_w:
             raise CheckpointError(f"x_embedder.proj has a {patch_size}x{patch_w} kernel; SD3 patches are square")
-        agree("patch size", patch_size, "patch_size")
-        agree("in_channels", in_channels, "in_channels")
-        out_channels, rest = divmod(shape("final_layer.linear.weight")[0], patch_size ** 2)
+        s.agree("patch_size", patch_size, "patch size")
+        s.agree("in_channels", in_channels, "in_channels")
+        outputs = s["final_layer.linear.weight"][0]
+        out_channels, rest = divmod(outputs, patch_size ** 2)
         if rest:
-            raise CheckpointError(f"final_layer.linear has {shape('final_layer.linear.weight')[0]} outputs, "
+            raise CheckpointError(f"final_layer.linear has {outputs} outputs, "
                                   f"not {patch_size}x{patch_size} patches of whole channels")
-        agree("out_channels", out_channels, "out_channels")
+        s.agree("out_channels", out_channels, "out_channels")
 
-        blocks = {int(m.group(1)) for name in shapes if (m := re.match(r"joint_blocks\.(\d+)\.", name))}
-        depth = len(blocks)
-        if depth == 0 or blocks != set(range(depth)):
-            raise CheckpointError(f"the joint blocks are {sorted(blocks)[:5]}...: expected joint_blocks.0..N-1")
-        agree("joint blocks", depth, "num_layers")
+        depth = s.count("joint_blocks")
+        s.agree("num_layers", depth, "joint blocks")
+        grid = math.isqrt(s["pos_embed"][1])
+        if grid * grid != s["pos_embed"][1]:
+            raise CheckpointError(f"pos_embed has {s['pos_embed'][1]} rows, not a square grid")
+        s.agree("pos_embed_max_size", grid, "a position grid of side")
 
-        grid = math.isqrt(shape("pos_embed")[1])
-        if grid * grid != shape("pos_embed")[1]:
-            raise CheckpointError(f"pos_embed has {shape('pos_embed')[1]} rows, not a square grid")
-        agree("a position grid of side", grid, "pos_embed_max_size")
-
-        qk_norm = "joint_blocks.0.context_block.attn.ln_k.weight" in shapes
+        qk_norm = "joint_blocks.0.context_block.attn.ln_k.weight" in s
         if "qk_norm" in config and config["qk_norm"] != ("rms_norm" if qk_norm else None):
             raise CheckpointError(f"config.json says qk_norm={config['qk_norm']!r} but the weights have "
                                   f"{'RMS qk-norm' if qk_norm else 'no qk-norm'}: the config belongs to another model")
-        dual = tuple(sorted(i for i in blocks if f"joint_blocks.{i}.x_block.attn2.qkv.weight" in shapes))
-        agree("dual-attention layers", dual, "dual_attention_layers")
+        dual = tuple(i for i in range(depth) if f"joint_blocks.{i}.x_block.attn2.qkv.weight" in s)
+        s.agree("dual_attention_layers", dual, "dual-attention layers")
+        heads = _heads(s, hidden, qk_norm, heads)
 
-        if heads is None and qk_norm:
-            heads = hidden // shape("joint_blocks.0.x_block.attn.ln_q.weight")[0]
-        if heads is None and config.get("num_attention_heads"):
-            heads = int(config["num_attention_heads"])
-        if heads is None:
-            heads = hidden // 64
-        if heads <= 0 or hidden % heads:
-            raise CheckpointError(f"width {hidden} does not split into {heads} heads")
-        agree("attention heads", heads, "num_attention_heads")
-        agree("a head size of", hidden // heads, "attention_head_dim")
-
-        context_width, context_dim = shape("context_embedder.weight")
+        context_width, context_dim = s["context_embedder.weight"]
         if context_width != hidden:
             # diffusers allows caption_projection_dim != width; no release (nor the joint attention) does.
             raise CheckpointError(f"context_embedder projects to {context_width}, not the width {hidden}")
-        agree("a text width of", context_dim, "joint_attention_dim")
-        pooled_dim = shape("y_embedder.mlp.0.weight")[1]
-        agree("a pooled width of", pooled_dim, "pooled_projection_dim")
-        mlp_ratio, rest = divmod(shape("joint_blocks.0.x_block.mlp.fc1.weight")[0], hidden)
+        s.agree("joint_attention_dim", context_dim, "a text width of")
+        pooled_dim = s["y_embedder.mlp.0.weight"][1]
+        s.agree("pooled_projection_dim", pooled_dim, "a pooled width of")
+        mlp_ratio, rest = divmod(s["joint_blocks.0.x_block.mlp.fc1.weight"][0], hidden)
         if rest:
-            raise CheckpointError(f"mlp.fc1 has {shape('joint_blocks.0.x_block.mlp.fc1.weight')[0]} rows, "
+            raise CheckpointError(f"mlp.fc1 has {s['joint_blocks.0.x_block.mlp.fc1.weight'][0]} rows, "
                                   f"not a multiple of the width {hidden}")
 
         return cls(depth=depth, hidden=hidden, heads=heads, patch_size=patch_size, in_channels=in_channels,
                    out_channels=out_channels, pos_embed_max=grid, context_dim=context_dim, pooled_dim=pooled_dim,
                    qk_norm=qk_norm, dual_attention_layers=dual, mlp_ratio=mlp_ratio)
+
+
+def _heads(s: Shapes, hidden: int, qk_norm: bool, heads: int | None) -> int:
+    """The head count, in this order of trust: `heads` (tests), the qk-norm weights (one per head
+    channel), config.json (num_attention_heads), the releases' heads of 64 (sd3.5's reference's)."""
+    if heads is None and qk_norm:
+        heads = hidden // s["joint_blocks.0.x_block.attn.ln_q.weight"][0]
+    if heads is None and s.config.get("num_attention_heads"):
+        heads = int(s.config["num_attention_heads"])
+    if heads is None:
+        heads = hidden // 64
+    if heads <= 0 or hidden % heads:
+        raise CheckpointError(f"width {hidden} does not split into {heads} heads")
+    s.agree("num_attention_heads", heads, "attention heads")
+    s.agree("attention_head_dim", hidden // heads, "a head size of")
+    return heads
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint layouts. Ours: the original SD3 names (sd3_medium.safetensors, under
+# `model.diffusion_model.`); diffusers' SD3Transformer2DModel names are renamed onto them.
+# ---------------------------------------------------------------------------------------------
+
+_ORIGINAL_MARKER = "joint_blocks.0.x_block.attn.qkv.weight"
+_DIFFUSERS_MARKER = "pos_embed.pos_embed"  # SD3's own crop table (diffusers' FLUX has joint blocks too)
+_BLOCK = r"^transformer_blocks\.(\d+)\."
+_DIFFUSERS_RULES = [
+    # q, k, v stored apart: renamed to parts of the fused qkv (`qkv.q.weight`), joined by fused().
+    (_BLOCK + r"attn\.to_([qkv])\.", r"joint_blocks.\1.x_block.attn.qkv.\2."),
+    (_BLOCK + r"attn\.add_([qkv])_proj\.", r"joint_blocks.\1.context_block.attn.qkv.\2."),
+    (_BLOCK + r"attn2\.to_([qkv])\.", r"joint_blocks.\1.x_block.attn2.qkv.\2."),
+    (_BLOCK + r"attn\.norm_([qk])\.", r"joint_blocks.\1.x_block.attn.ln_\2."),
+    (_BLOCK + r"attn\.norm_added_([qk])\.", r"joint_blocks.\1.context_block.attn.ln_\2."),
+    (_BLOCK + r"attn2\.norm_([qk])\.", r"joint_blocks.\1.x_block.attn2.ln_\2."),
+    (_BLOCK + r"attn\.to_out\.0\.", r"joint_blocks.\1.x_block.attn.proj."),
+    (_BLOCK + r"attn\.to_add_out\.", r"joint_blocks.\1.context_block.attn.proj."),
+    (_BLOCK + r"attn2\.to_out\.0\.", r"joint_blocks.\1.x_block.attn2.proj."),
+    (_BLOCK + r"ff\.net\.0\.proj\.", r"joint_blocks.\1.x_block.mlp.fc1."),
+    (_BLOCK + r"ff\.net\.2\.", r"joint_blocks.\1.x_block.mlp.fc2."),
+    (_BLOCK + r"ff_context\.net\.0\.proj\.", r"joint_blocks.\1.context_block.mlp.fc1."),
+    (_BLOCK + r"ff_context\.net\.2\.", r"joint_blocks.\1.context_block.mlp.fc2."),
+    (_BLOCK + r"norm1\.linear\.", r"joint_blocks.\1.x_block.adaLN_modulation.1."),
+    (_BLOCK + r"norm1_context\.linear\.", r"joint_blocks.\1.context_block.adaLN_modulation.1."),
+    (r"^norm_out\.linear\.", "final_layer.adaLN_modulation.1."),
+    (r"^proj_out\.", "final_layer.linear."),
+    (r"^pos_embed\.proj\.", "x_embedder.proj."),
+    (r"^pos_embed\.pos_embed$", "pos_embed"),
+    (r"^time_text_embed\.timestep_embedder\.linear_1\.", "t_embedder.mlp.0."),
+    (r"^time_text_embed\.timestep_embedder\.linear_2\.", "t_embedder.mlp.2."),
+    (r"^time_text_embed\.text_embedder\.linear_1\.", "y_embedder.mlp.0."),
+    (r"^time_text_embed\.text_embedder\.linear_2\.", "y_embedder.mlp.2."),
+]
+
+
+def mmdit_layout(keys: Iterable[str], prefix: str | None = None) -> Layout:
+    """The SD3 MMDiT in its original layout or diffusers' (SD3Transformer2DModel)."""
+    keys = list(keys)
+    prefix, marker = find_prefix(keys, [_ORIGINAL_MARKER, _DIFFUSERS_MARKER], "SD3 MMDiT", prefix)
+    if marker == _ORIGINAL_MARKER:
+        return Layout("original SD3 MMDiT", prefix, renamed(keys, prefix, []))
+    # Where the text stream is pre_only (the last block: no output projection), diffusers'
+    # norm1_context is an AdaLayerNormContinuous, which splits (scale, shift) where the original
+    # splits (shift, scale); so is norm_out.
+    names = renamed(keys, prefix, _DIFFUSERS_RULES)
+    blocks = {name.split(".")[1] for name in names if name.startswith("joint_blocks.")}
+    pre_only = [i for i in blocks if f"joint_blocks.{i}.context_block.attn.proj.weight" not in names]
+    swapped = ("final_layer.adaLN_modulation.1.", *(f"joint_blocks.{i}.context_block.adaLN_modulation.1."
+                                                    for i in pre_only))
+    mapping = {name: SwappedHalves(source.key) if name.startswith(swapped) else source
+               for name, source in names.items()}
+    return Layout("diffusers SD3 MMDiT", prefix, fused(mapping, {"qkv": ("q", "k", "v")}))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,7 +324,7 @@ class StepInputs:
     """What every block of one forward shares."""
     c: torch.Tensor                        # [B, width] timestep + pooled-text conditioning
     text_tokens: int                       # L: tokens 0..L-1 are text, L.. are image
-    probe: AttentionProbe | None = None    # shown each block's image-to-text attention
+    probe: AttentionProbe | None = None    # set per block: shown its image-to-text attention
 
 
 BlockRunner = Callable[[int, nn.Module, torch.Tensor, StepInputs], torch.Tensor]
@@ -296,14 +336,15 @@ class JointBlock(nn.Module):
         self.context_block = StreamBlock(p, pre_only=index == p.depth - 1)
         self.x_block = StreamBlock(p, dual_attention=index in p.dual_attention_layers)
 
-    def increment(self, tokens: torch.Tensor, step: StepInputs, focus: torch.Tensor | None = None) -> torch.Tensor:
-        """What the block adds to rows of tokens [B, L+N, width] ([text | image]).
+    def attention_increment(self, tokens: torch.Tensor, step: StepInputs,
+                            focus: torch.Tensor | None = None) -> torch.Tensor:
+        """What the attentions add to rows of tokens [B, L+N, width] ([text | image]).
 
         focus [B, F], if given, lists the rows to update: all text rows 0..L-1 first, then image
-        rows (>= L, ascending); the result is [B, F, width]. Only those rows get queries, output
-        projections and MLPs (text rows with the context stream's weights, image rows with the
-        x stream's); keys and values come from every token, so each row sees the whole joint
-        sequence (paper Eq. 9-10). The last block's text rows get a zero update (pre_only: the
+        rows (>= L, ascending); the result is [B, F, width]. Only those rows get queries and
+        output projections (text rows with the context stream's weights, image rows with the x
+        stream's); keys and values come from every token, so each row sees the whole joint
+        sequence (paper Eq. 9). The last block's text rows get a zero update (pre_only: the
         original drops them). With focus None every row is updated.
         """
         L = step.text_tokens
@@ -328,22 +369,30 @@ class JointBlock(nn.Module):
         out = merge_heads(attention(q, k, v, probe=step.probe,
                                     probe_span=(slice(first_image_query, None), slice(0, L))))
 
-        # Image rows: joint attention, then attn2 (SD3.5-M), then the MLP on the attended rows.
-        rows = pick(image)
-        attended = mx.gate_msa * xb.attn.proj(out[:, first_image_query:])
+        image_attended = mx.gate_msa * xb.attn.proj(out[:, first_image_query:])
         if xb.dual_attention:
             # attn2 reads the same norm1 output, modulated by its own shift/scale; image tokens only.
             h2 = modulate(image_normed, mx.shift_msa2, mx.scale_msa2)
             o2 = attention(xb.attn2.queries(pick(h2)), *xb.attn2.keys_values(h2))
-            attended = attended + mx.gate_msa2 * xb.attn2.proj(merge_heads(o2))
-        image_increment = attended + xb.mlp_increment(rows + attended, mx)
+            image_attended = image_attended + mx.gate_msa2 * xb.attn2.proj(merge_heads(o2))
+        text_attended = torch.zeros_like(text) if ctx.pre_only else mc.gate_msa * ctx.attn.proj(out[:, :L])
+        return torch.cat([text_attended, image_attended], dim=1)
 
-        if ctx.pre_only:
-            text_increment = torch.zeros_like(text)
-        else:
-            attended_text = mc.gate_msa * ctx.attn.proj(out[:, :L])
-            text_increment = attended_text + ctx.mlp_increment(text + attended_text, mc)
-        return torch.cat([text_increment, image_increment], dim=1)
+    def ffn_increment(self, rows: torch.Tensor, attended: torch.Tensor, step: StepInputs) -> torch.Tensor:
+        """What the MLPs add to token rows (text rows first, as in `attention_increment`'s focus)
+        given their attention increments: token-wise, so any subset of image rows (Eq. 10)."""
+        L = step.text_tokens
+        ctx, xb = self.context_block, self.x_block
+        image = xb.mlp_increment(rows[:, L:] + attended[:, L:], xb.modulation(step.c))
+        text = (torch.zeros_like(rows[:, :L]) if ctx.pre_only
+                else ctx.mlp_increment(rows[:, :L] + attended[:, :L], ctx.modulation(step.c)))
+        return torch.cat([text, image], dim=1)
+
+    def increment(self, tokens: torch.Tensor, step: StepInputs, focus: torch.Tensor | None = None) -> torch.Tensor:
+        """What the block adds to the rows of tokens listed in focus (all rows when None)."""
+        rows = tokens if focus is None else _rows(tokens, focus)
+        attended = self.attention_increment(tokens, step, focus)
+        return attended + self.ffn_increment(rows, attended, step)
 
     def forward(self, tokens: torch.Tensor, step: StepInputs) -> torch.Tensor:
         return tokens + self.increment(tokens, step)
@@ -410,7 +459,8 @@ class MMDiT(nn.Module):
 
         timestep: [B] (or a float), sigma * 1000 as diffusers' SD3 pipeline passes it.
         context: [B, L, context_dim] text states; pooled: [B, pooled_dim].
-        probe: shown every block's image-to-text attention. block_runner(index, block, tokens,
+        probe: asked `probe.for_layer(index)` for each block; the answer, if not None, is shown
+        the block's image-to-text attention. block_runner(index, block, tokens,
         step) -> tokens, if given, runs each block instead of block(tokens, step): AccelAes'
         sparse path, built on the block's `increment(tokens, step, focus)`. tokens are
         [text | image] rows.
@@ -423,10 +473,11 @@ class MMDiT(nn.Module):
         timestep = torch.as_tensor(timestep, device=x.device).reshape(-1).expand(batch)
         image = self.x_embedder(x.to(dtype)) + self.cropped_pos_embed(height // p.patch_size, width // p.patch_size)
         text = self.context_embedder(context.to(dtype))
-        step = StepInputs(self.conditioning(timestep, pooled.to(dtype)), text.shape[1], probe)
+        step = StepInputs(self.conditioning(timestep, pooled.to(dtype)), text.shape[1])
         tokens = torch.cat([text, image], dim=1)
         for index, block in enumerate(self.joint_blocks):
-            tokens = block_runner(index, block, tokens, step) if block_runner else block(tokens, step)
+            block_step = replace(step, probe=None if probe is None else probe.for_layer(index))
+            tokens = block_runner(index, block, tokens, block_step) if block_runner else block(tokens, block_step)
         return self.unpatchify(self.final_layer(tokens[:, step.text_tokens:], step.c), height, width)
 
 

@@ -1,25 +1,27 @@
-"""A reader for SentencePiece `.model` files (Gemma's tokenizer.model, T5's spiece.model).
+"""A reader for SentencePiece `.model` files, for Gemma's tokenizer.model.
 
-Why our own: a `.model` is a serialized protobuf message (sentencepiece_model.proto's
-ModelProto), and the tokenizers here need more of it than sentencepiece's Python API gives:
-the type of every piece (it has is_control / is_unknown / is_byte, but nothing that tells a
-user-defined piece from a normal one, and both tokenizers treat user-defined pieces as added
-tokens) and the precompiled normalizer table (T5's). Reading the file here means neither the
-protobuf package nor sentencepiece is needed at run time. (transformers needs protobuf for
-these files and, without it, silently builds a wrong T5 tokenizer.)
+Why our own, when the sentencepiece library reads these files: transformers' GemmaTokenizer,
+the reference whose ids Lumina-Next was trained with, is not what the library computes. It
+ignores the .model's normalizer (no dummy "▁" prefix, runs of spaces kept, no NFKC), which the
+library always applies, and it treats the user-defined pieces as added tokens matched in the
+raw text, which needs the type of every piece: the library's API has is_control / is_unknown /
+is_byte / is_unused, but nothing that tells a user-defined piece from a normal one (its
+protobuf classes need the protobuf package). tests/test_gemma.py::test_why_not_the_library
+shows both. So models/gemma.py runs its own BPE over the pieces read here. (T5's tokenizer,
+whose reference ids the library does give, uses the library: models/t5.py.)
 
-Only what the tokenizers use is read:
+A `.model` is a serialized protobuf message (sentencepiece_model.proto's ModelProto); only
+what is needed is read:
     ModelProto      1 = pieces (repeated), 2 = trainer spec, 3 = normalizer spec
-    SentencePiece   1 = piece text, 2 = score (float32), 3 = type (default NORMAL)
+    SentencePiece   1 = piece text, 3 = type (default NORMAL)
     TrainerSpec     3 = model type (default UNIGRAM)
-    NormalizerSpec  2 = precompiled_charsmap
-Each tokenizer checks the model type itself (Gemma needs BPE, T5 unigram).
+    NormalizerSpec  2 = precompiled_charsmap (not used by Gemma; T5's tests build
+                        transformers' reference tokenizer from it where protobuf is missing)
 """
 
 from __future__ import annotations
 
 import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -34,9 +36,8 @@ UNIGRAM, BPE, WORD, CHAR = 1, 2, 3, 4
 
 @dataclass(frozen=True)
 class SentencePieceModel:
-    """The vocabulary of a `.model` file; pieces, scores and types are in id order."""
+    """The vocabulary of a `.model` file; pieces and types are in id order."""
     pieces: list[str]
-    scores: list[float]
     types: list[int]             # NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED or BYTE
     model_type: int              # UNIGRAM, BPE, WORD or CHAR
     charsmap: bytes | None       # the normalizer's precompiled table; None when the file has none
@@ -55,19 +56,18 @@ def read_sentencepiece_model(path: str | os.PathLike) -> SentencePieceModel:
 
 
 def _parse_model(data: bytes) -> SentencePieceModel:
-    pieces, scores, types = [], [], []
+    pieces, types = [], []
     model_type, charsmap = UNIGRAM, None
     for number, value in _fields(data):
         if number == 1:
             piece = _message(value)
             pieces.append(_bytes(piece, 1, b"").decode("utf-8"))
-            scores.append(_float(piece, 2, 0.0))
             types.append(_int(piece, 3, NORMAL))
         elif number == 2:
             model_type = _int(_message(value), 3, UNIGRAM)
         elif number == 3:
             charsmap = _bytes(_message(value), 2, b"") or None
-    return SentencePieceModel(pieces, scores, types, model_type, charsmap)
+    return SentencePieceModel(pieces, types, model_type, charsmap)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,7 +100,7 @@ def _fields(data: bytes) -> Iterator[tuple[int, int | bytes]]:
         elif wire_type == 2:                    # length-delimited: strings, bytes, nested messages
             length, pos = _varint(data, pos)
             value, pos = data[pos:pos + length], pos + length
-        elif wire_type == 5:                    # 32-bit: floats
+        elif wire_type == 5:                    # 32-bit: floats (a piece's score)
             value, pos = data[pos:pos + 4], pos + 4
         else:
             raise ValueError(f"unsupported protobuf wire type {wire_type}")
@@ -116,7 +116,7 @@ def _message(value: int | bytes) -> dict[int, int | bytes]:
     return dict(_fields(value))
 
 
-# Each field's kind (number, string, float) is checked where it is read, so a damaged file
+# Each field's kind (number or string) is checked where it is read, so a damaged file
 # is reported rather than read as wrong pieces.
 
 def _bytes(fields: dict, number: int, default: bytes) -> bytes:
@@ -132,11 +132,3 @@ def _int(fields: dict, number: int, default: int) -> int:
         raise ValueError(f"field {number} is not a number")
     return value
 
-
-def _float(fields: dict, number: int, default: float) -> float:
-    value = fields.get(number)
-    if value is None:
-        return default
-    if not isinstance(value, bytes) or len(value) != 4:
-        raise ValueError(f"field {number} is not a float32")
-    return struct.unpack("<f", value)[0]

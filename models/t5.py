@@ -15,15 +15,15 @@ mean, no bias) whose statistics are computed in fp32.
 
 Parameters are named after transformers' T5EncoderModel, so released files (the diffusers
 `text_encoder_2/` / `text_encoder_3/` folders, `t5xxl_fp16.safetensors`, SD3's single files
-under `text_encoders.t5xxl.transformer.`) load without renaming; see models/layouts.py `t5_layout`.
+under `text_encoders.t5xxl.transformer.`) load without renaming; see `t5_layout`.
 
 Precision: run T5 in bf16 or fp32. T5 v1.1's feed-forward outputs overflow fp16; for fp16
 we do what transformers does (it lists `wo` in `_keep_in_fp32_modules`): every `wo` weight is
 kept in fp32 and its input cast up, so the residual stream is fp32 from block 0's feed-forward
 on (fp16 + fp32 promotes), while the norms hand fp16 to the other projections.
 
-`T5Tokenizer` reproduces transformers' T5Tokenizer (v5, the "fast" one) from `spiece.model` or
-`tokenizer.json`; see its docstring for the rules.
+`T5Tokenizer` reproduces transformers' T5Tokenizer (v5, the "fast" one) from `spiece.model`
+(through the sentencepiece library) or `tokenizer.json`; see its docstring for the rules.
 """
 
 from __future__ import annotations
@@ -34,17 +34,18 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
-from tokenizers import AddedToken, Tokenizer, normalizers, pre_tokenizers
+from sentencepiece import SentencePieceProcessor
+from tokenizers import Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import Unigram
 from torch import nn
 
 from .attention import attention, merge_heads, split_heads
 from .checkpoint import Checkpoint, CheckpointError, find_file, load_model
-from .layouts import t5_layout
-from .sentencepiece_model import CONTROL, UNIGRAM, USER_DEFINED, read_sentencepiece_model
+from .keys import Layout, Shapes, find_prefix, renamed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,36 +74,52 @@ class T5Params:
         are not in any shape: they come from config.json or default to T5 v1.1's.
         """
         config = config if config and config.get("model_type") == "t5" else {}
-
-        def shape(name: str) -> tuple[int, ...]:
-            if name not in shapes:
-                raise CheckpointError(f"this T5 checkpoint has no {name}; it holds {len(shapes)} tensors of "
-                                      "other names: is it a T5 v1.1 encoder (T5EncoderModel) file?")
-            return tuple(shapes[name])
-
+        s = Shapes(shapes, config, "T5 v1.1 encoder (T5EncoderModel)")
         # The original T5 has one `wi` and ReLU; v1.1 (SD3's, FLUX's) gates: wi_0, wi_1 and GELU.
-        ffn = ("relu (one wi)" if "encoder.block.0.layer.1.DenseReluDense.wi.weight" in shapes
+        ffn = ("relu (one wi)" if "encoder.block.0.layer.1.DenseReluDense.wi.weight" in s
                else config.get("feed_forward_proj", "gated-gelu"))
         if ffn != "gated-gelu":
             raise CheckpointError(f"this T5 has a {ffn} feed-forward: only T5 v1.1's gated-gelu "
                                   "(the T5-XXL of SD3 and FLUX) is supported")
-        vocab_size, width = shape("shared.weight")
-        block_ids = {int(m.group(1)) for name in shapes if (m := re.match(r"encoder\.block\.(\d+)\.", name))}
-        layers = len(block_ids)
-        if block_ids != set(range(layers)):
-            raise CheckpointError(f"this T5 checkpoint has blocks {sorted(block_ids)}: some are missing")
-        buckets, bias_heads = shape("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight")
-        inner = shape("encoder.block.0.layer.0.SelfAttention.q.weight")[0]
+        vocab_size, width = s["shared.weight"]
+        buckets, bias_heads = s["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
+        inner = s["encoder.block.0.layer.0.SelfAttention.q.weight"][0]
         heads = int(config.get("num_heads") or bias_heads)
         head_dim = int(config.get("d_kv") or inner // heads)
         if heads != bias_heads or heads * head_dim != inner:
             raise CheckpointError(f"T5 attention has {inner} q rows and a relative bias for {bias_heads} heads, "
                                   f"which do not split into {heads} heads of {head_dim}: the config.json does "
                                   "not belong to these weights")
-        return cls(vocab_size=vocab_size, width=width, layers=layers, heads=heads, head_dim=head_dim,
-                   mlp_width=shape("encoder.block.0.layer.1.DenseReluDense.wi_0.weight")[0], buckets=buckets,
+        return cls(vocab_size=vocab_size, width=width, layers=s.count("encoder.block"), heads=heads,
+                   head_dim=head_dim, mlp_width=s["encoder.block.0.layer.1.DenseReluDense.wi_0.weight"][0],
+                   buckets=buckets,
                    max_distance=int(config.get("relative_attention_max_distance", cls.max_distance)),
                    eps=float(config.get("layer_norm_epsilon", cls.eps)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint layout. Ours: transformers' T5EncoderModel names:
+#   shared.weight, encoder.block.N.layer.0.SelfAttention.{q,k,v,o}.weight,
+#   encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight,
+#   encoder.block.N.layer.{0,1}.layer_norm.weight, encoder.block.N.layer.1.DenseReluDense.{wi_0,wi_1,wo}.weight,
+#   encoder.final_layer_norm.weight. SD3's single files put them under `text_encoders.t5xxl.transformer.`.
+# ---------------------------------------------------------------------------------------------
+
+def t5_layout(keys: Iterable[str], prefix: str | None = None) -> Layout:
+    """The T5 encoder in transformers' layout, alone or under a prefix (SD3: `text_encoders.t5xxl.transformer.`).
+
+    The token table is tied: transformers saves `shared.weight` only, other files hold
+    `encoder.embed_tokens.weight` too, or instead. `shared.weight` is read when present,
+    else `encoder.embed_tokens.weight`; the other copy is ignored. A full T5 file's decoder
+    and lm_head are ignored too.
+    """
+    keys = list(keys)
+    prefix, _ = find_prefix(keys, ["encoder.block.0.layer.0.SelfAttention.q.weight"], "T5 encoder", prefix)
+    ignore = (r"decoder\.", r"lm_head\.")
+    if prefix + "shared.weight" in keys:
+        ignore += (r"encoder\.embed_tokens\.weight$",)
+    rules = [(r"^encoder\.embed_tokens\.weight$", "shared.weight")]
+    return Layout("transformers T5", prefix, renamed(keys, prefix, rules, ignore), ignore)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,22 +337,24 @@ def _keep_wo_in_fp32(model: T5Encoder) -> T5Encoder:
 class T5Tokenizer:
     """T5's tokenizer as transformers 5 runs it (`T5Tokenizer`, formerly T5TokenizerFast).
 
-    Built on the `tokenizers` library exactly as transformers builds it:
-      - Added tokens first: <pad>, </s>, <unk>, the 100 sentinels <extra_id_0..99>, and any
-        control or user-defined piece of the .model, are matched literally in the raw text
-        (before normalization) and become their own ids; so a prompt's "</s>" is EOS.
-      - Every other span: the .model's precompiled normalizer (NFKC plus SentencePiece's
-        extra rules: full-width forms, ligatures, control characters ...), then a split at
-        whitespace (runs of spaces, tabs and newlines all count as one), then "▁" before each
-        word: "a  cat" -> "▁a", "▁cat".
-      - Each word is cut into pieces by the unigram model (the most probable split); a
-        character outside the vocabulary becomes <unk> (id 2), consecutive ones a single <unk>.
+    What transformers does, and so what this does:
+      - Added tokens first: <pad>, </s>, <unk>, the 100 sentinels <extra_id_0..99>, and the
+        file's control pieces (from a tokenizer.json: its added tokens) are matched literally in
+        the raw text, leftmost and longest first, and become their own ids; so a prompt's "</s>"
+        is EOS.
+      - Every other span goes to sentencepiece itself (from `spiece.model`), or (from a
+        `tokenizer.json`) to the `tokenizers` library with the file's Unigram vocabulary and
+        normalizer table, its pre-tokenizer ignored as transformers 5 does. Either runs the
+        .model's normalizer (NFKC plus SentencePiece's rules: full-width forms, ligatures ...),
+        reads runs of whitespace as one space, puts "▁" before each word ("a  cat" -> "▁a",
+        "▁cat") and takes the most probable unigram split; a character outside the vocabulary
+        becomes <unk> (id 2), consecutive ones a single <unk>.
       - Ids: the vocabulary of the .model (pad 0, EOS 1, unk 2, ...), then the sentinels in
         reverse: <extra_id_99> = 32000 ... <extra_id_0> = 32099 for T5's 32000 pieces.
       - `__call__`: EOS appended, no BOS; truncation keeps the first max_length-1 pieces then
         EOS; right padding with <pad> (0) to exactly max_length; mask 1 on pieces and EOS.
-    From a `tokenizer.json`, its Unigram vocabulary and the precompiled normalizer table inside
-    its normalizer are used, and its pre-tokenizer is ignored, as transformers 5 does for T5.
+    A `.model`'s user-defined pieces (T5's has none) are matched by sentencepiece within the
+    spans: its API does not say which pieces are user-defined, so they are not split off first.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -345,28 +364,45 @@ class T5Tokenizer:
                          "download the T5 tokenizer (tokenizer_2/ of FLUX.1, tokenizer_3/ of SD3, or "
                          "google/t5-v1_1-xxl)")
         self.path = path
+        sentinels = [f"<extra_id_{i}>" for i in range(extra_ids)]
+        self._processor, self._tokenizer = None, None
         if path.suffix == ".json":
             vocab, added, charsmap = _read_tokenizer_json(path)
+            ids = {piece: index for index, (piece, _) in enumerate(vocab)}
         else:
-            vocab, added, charsmap = _read_spiece_model(path)
-            vocab = vocab + [(f"<extra_id_{i}>", 0.0) for i in reversed(range(extra_ids))]
-        ids = {piece: index for index, (piece, _) in enumerate(vocab)}
+            self._processor = _sentencepiece(path)
+            pieces = [self._processor.id_to_piece(i) for i in range(self._processor.get_piece_size())]
+            ids = {piece: index for index, piece in enumerate(pieces + sentinels[::-1])}
+            added = [piece for index, piece in enumerate(pieces) if self._processor.is_control(index)]
         missing = [t for t in ("<pad>", "</s>", "<unk>") if t not in ids]
         if missing:
             raise CheckpointError(f"{path} has no {', '.join(missing)} piece: it is not T5's tokenizer")
         self.pad_id, self.eos_id, self.unk_id = ids["<pad>"], ids["</s>"], ids["<unk>"]
+        if self._processor is None:
+            self._tokenizer = _unigram(vocab, self.unk_id, charsmap)
 
-        tokenizer = Tokenizer(Unigram(vocab, unk_id=self.unk_id, byte_fallback=False))
-        if charsmap:
-            tokenizer.normalizer = normalizers.Precompiled(charsmap)
-        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.WhitespaceSplit(),
-            pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True),
-        ])
-        # Sentinels missing from a vocabulary get new ids after it, in transformers' order.
-        specials = ["<pad>", "</s>", "<unk>", *added, *(f"<extra_id_{i}>" for i in range(extra_ids))]
-        tokenizer.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in dict.fromkeys(specials)])
-        self._tokenizer = tokenizer
+        # Added tokens missing from a vocabulary get new ids after it, in transformers' order.
+        self._added = {}
+        for token in ["<pad>", "</s>", "<unk>", *added, *sentinels]:
+            self._added[token] = ids.setdefault(token, len(ids))
+        # Longest first, so that the regex alternation takes the longest match at each position.
+        self._added_pattern = re.compile("|".join(map(re.escape, sorted(self._added, key=len, reverse=True))))
+
+    def _span(self, text: str, out_type: type) -> list:
+        """The ids (out_type int) or pieces (str) of a text that holds no added token."""
+        if self._processor is not None:
+            return self._processor.encode(text, out_type=out_type)
+        encoding = self._tokenizer.encode(text, add_special_tokens=False)
+        return encoding.ids if out_type is int else encoding.tokens
+
+    def _split(self, text: str, out_type: type) -> list:
+        """The added tokens matched in the raw text, every span between them tokenized."""
+        out, start = [], 0
+        for match in self._added_pattern.finditer(text):
+            out += self._span(text[start:match.start()], out_type)
+            out.append(self._added[match.group()] if out_type is int else match.group())
+            start = match.end()
+        return out + self._span(text[start:], out_type)
 
     def tokenize(self, text: str) -> list[str]:
         """The pieces of `text`, no EOS, no truncation: transformers' `tokenize()`.
@@ -374,11 +410,11 @@ class T5Tokenizer:
         A piece that starts a word begins with "▁"; added tokens such as "</s>" stand alone; an
         unknown piece is its text (its id is <unk>), as in transformers.
         """
-        return self._tokenizer.encode(text, add_special_tokens=False).tokens
+        return self._split(text, str)
 
     def encode(self, text: str) -> list[int]:
         """The ids of `text`, no EOS, no truncation."""
-        return self._tokenizer.encode(text, add_special_tokens=False).ids
+        return self._split(text, int)
 
     def tokens(self, text: str, max_length: int = 256) -> list[str]:
         """The piece at each position of the model's input for `text`, EOS included, padding not.
@@ -399,8 +435,8 @@ class T5Tokenizer:
         texts = [texts] if isinstance(texts, str) else list(texts)
         input_ids = torch.full((len(texts), max_length), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(texts), max_length), dtype=torch.long)
-        for i, encoding in enumerate(self._tokenizer.encode_batch(texts, add_special_tokens=False)):
-            row = [*encoding.ids[: max_length - 1], self.eos_id]
+        for i, text in enumerate(texts):
+            row = [*self.encode(text)[: max_length - 1], self.eos_id]
             input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
             attention_mask[i, : len(row)] = 1
         return input_ids, attention_mask
@@ -420,15 +456,23 @@ def _extra_ids(folder: Path) -> int:
     return 100
 
 
-def _read_spiece_model(path: Path) -> tuple[list[tuple[str, float]], list[str], bytes | None]:
-    """The (piece, score) vocabulary, the added tokens (control and user-defined pieces) and the
-    precompiled normalizer table of a SentencePiece unigram `.model`."""
-    model = read_sentencepiece_model(path)
-    if model.model_type != UNIGRAM:
-        raise CheckpointError(f"{path} is not a SentencePiece unigram model (type {model.model_type}, "
-                              f"{len(model.pieces)} pieces): T5's spiece.model is one; give the T5 tokenizer folder")
-    added = [piece for piece, kind in zip(model.pieces, model.types) if kind in (CONTROL, USER_DEFINED)]
-    return list(zip(model.pieces, model.scores)), added, model.charsmap
+def _sentencepiece(path: Path) -> SentencePieceProcessor:
+    try:
+        return SentencePieceProcessor(model_file=str(path))
+    except (RuntimeError, OSError):  # sentencepiece's "could not parse ModelProto"
+        raise CheckpointError(f"{path} is not a SentencePiece model (or it is damaged): download it again") from None
+
+
+def _unigram(vocab: list[tuple[str, float]], unk_id: int, charsmap: bytes | None) -> Tokenizer:
+    """The `tokenizers` Unigram model transformers builds from a T5 tokenizer.json, without its added tokens."""
+    tokenizer = Tokenizer(Unigram(vocab, unk_id=unk_id, byte_fallback=False))
+    if charsmap:
+        tokenizer.normalizer = normalizers.Precompiled(charsmap)
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.WhitespaceSplit(),
+        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True),
+    ])
+    return tokenizer
 
 
 def _read_tokenizer_json(path: Path) -> tuple[list[tuple[str, float]], list[str], bytes | None]:

@@ -3,7 +3,7 @@
 All of them share one architecture, that of the original latent-diffusion code: a convolutional
 encoder and decoder of ResNet blocks, with one single-head self-attention in the middle of each.
 Parameters carry the original LDM names (also those of FLUX's `ae.safetensors` and of SD3's
-`first_stage_model.*`); diffusers folders are renamed onto them by `models/layouts.py`.
+`first_stage_model.*`); diffusers folders are renamed onto them by `vae_layout`.
 
     encode: images [B, 3, H, W] in [-1, 1] -> DiagonalGaussian over latents [B, C, H/f, W/f]
     decode: latents [B, C, H/f, W/f] -> images [B, 3, H, W], roughly in [-1, 1]
@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Iterable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from .attention import attention
 from .checkpoint import Checkpoint, CheckpointError, build_on_meta, load_model
-from .layouts import vae_layout
+from .keys import AsConv1x1, Layout, Shapes, find_prefix, renamed
 
 
 @dataclass(frozen=True)
@@ -50,38 +50,29 @@ class VAEParams:
         `config` (a diffusers config.json) is read only for what shapes cannot say: the number
         of GroupNorm groups.
         """
-        def shape(name: str) -> tuple[int, ...]:
-            if name not in shapes:
-                raise CheckpointError(f"this VAE checkpoint has no {name}, which every AutoencoderKL has; "
-                                      "the file is incomplete or not an AutoencoderKL")
-            return tuple(shapes[name])
-
-        def count(pattern: str) -> int:
-            found = {int(m.group(1)) for name in shapes if (m := re.match(pattern, name))}
-            return 1 + max(found) if found else 0
-
-        latent_channels = shape("decoder.conv_in.weight")[1]
-        image_channels = shape("decoder.conv_out.weight")[0]
+        s = Shapes(shapes, config, "AutoencoderKL")
+        latent_channels = s["decoder.conv_in.weight"][1]
+        image_channels = s["decoder.conv_out.weight"][0]
 
         # Each decoder level's first resnet outputs that level's width; up.0 is the highest resolution.
-        levels = count(r"decoder\.up\.(\d+)\.")
+        levels = s.count("decoder.up")
         if levels == 0:
             raise CheckpointError("this VAE checkpoint has no decoder.up.* blocks; "
                                   "it is not an AutoencoderKL")
-        widths = [shape(f"decoder.up.{level}.block.0.conv1.weight")[0] for level in range(levels)]
+        widths = [s[f"decoder.up.{level}.block.0.conv1.weight"][0] for level in range(levels)]
         base = widths[0]
         if any(width % base for width in widths):
             raise CheckpointError(f"this VAE's level widths {widths} are not multiples of the first; "
                                   "an unsupported variant")
 
         has_encoder = any(name.startswith("encoder.") for name in shapes)
-        decoder_resnets = count(r"decoder\.up\.0\.block\.(\d+)\.")
-        resnets = count(r"encoder\.down\.0\.block\.(\d+)\.") if has_encoder else decoder_resnets - 1
+        decoder_resnets = s.count("decoder.up.0.block")
+        resnets = s.count("encoder.down.0.block") if has_encoder else decoder_resnets - 1
         if decoder_resnets != resnets + 1:
             raise CheckpointError(f"this VAE has {resnets} resnets per encoder level but {decoder_resnets} "
                                   "per decoder level; an AutoencoderKL has one more in the decoder")
 
-        groups = (config or {}).get("norm_num_groups", 32)
+        groups = s.config.get("norm_num_groups", 32)
         if any(width % groups for width in widths):
             raise CheckpointError(f"this VAE's widths {widths} cannot be split into {groups} GroupNorm "
                                   "groups; give the model's config.json (norm_num_groups) beside the weights")
@@ -101,6 +92,45 @@ class VAEParams:
     @property
     def widths(self) -> list[int]:
         return [self.base_channels * m for m in self.channel_multipliers]
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint layouts. Ours: the original LDM names (also FLUX's `ae.safetensors`):
+#   {encoder,decoder}.conv_in, encoder.down.I.block.J.*, encoder.down.I.downsample.conv,
+#   {encoder,decoder}.mid.{block_1,attn_1.{norm,q,k,v,proj_out},block_2}, decoder.up.I.block.J.*,
+#   decoder.up.I.upsample.conv, {encoder,decoder}.{norm_out,conv_out}, [post_]quant_conv.
+#   Resnet: norm1, conv1, norm2, conv2, nin_shortcut. up.0 is the highest resolution.
+# ---------------------------------------------------------------------------------------------
+
+def vae_layout(keys: Iterable[str], prefix: str | None = None) -> Layout:
+    """The VAE in the original LDM layout (`first_stage_model.` in full checkpoints) or diffusers'."""
+    keys = list(keys)
+    # Both layouts end their decoder input convolution in `decoder.conv_in.weight`; diffusers is
+    # told apart by its up_blocks.
+    prefix, _ = find_prefix(keys, ["decoder.conv_in.weight"], "VAE", prefix)
+    if not any(k.startswith(prefix + "decoder.up_blocks.") for k in keys):
+        return Layout("LDM VAE", prefix, renamed(keys, prefix, []))
+
+    up_blocks = 1 + max(int(m.group(1)) for k in keys
+                        if (m := re.match(re.escape(prefix) + r"decoder\.up_blocks\.(\d+)\.", k)))
+    rules = [
+        (r"down_blocks\.(\d+)\.resnets\.", r"down.\1.block."),
+        (r"down_blocks\.(\d+)\.downsamplers\.0\.", r"down.\1.downsample."),
+        # diffusers counts decoder blocks from the lowest resolution, LDM from the highest.
+        (r"up_blocks\.(\d+)\.resnets\.", lambda m: f"up.{up_blocks - 1 - int(m.group(1))}.block."),
+        (r"up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: f"up.{up_blocks - 1 - int(m.group(1))}.upsample."),
+        (r"\.conv_shortcut\.", ".nin_shortcut."),
+        (r"mid_block\.resnets\.0\.", "mid.block_1."), (r"mid_block\.resnets\.1\.", "mid.block_2."),
+        (r"mid_block\.attentions\.0\.", "mid.attn_1."),
+        # Current diffusers names, then the ones of older diffusers files.
+        (r"attn_1\.group_norm\.", "attn_1.norm."),
+        (r"attn_1\.(to_q|query)\.", "attn_1.q."), (r"attn_1\.(to_k|key)\.", "attn_1.k."),
+        (r"attn_1\.(to_v|value)\.", "attn_1.v."), (r"attn_1\.(to_out\.0|proj_attn)\.", "attn_1.proj_out."),
+        (r"conv_norm_out\.", "norm_out."),
+    ]
+    mapping = {name: (AsConv1x1(src.key) if re.search(r"attn_1\.(q|k|v|proj_out)\.weight$", name) else src)
+               for name, src in renamed(keys, prefix, rules).items()}
+    return Layout("diffusers VAE", prefix, mapping)
 
 
 class DiagonalGaussian(NamedTuple):

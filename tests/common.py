@@ -27,6 +27,15 @@ def save_state(state: dict[str, torch.Tensor], path: Path, config: dict | None =
     return path
 
 
+def read_through(layout, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` (a diffusers state dict) under our parameter names, read through one of our layouts.
+
+    For fixtures that need a file in a model's original layout. The layouts themselves are
+    checked against diffusers' own converters, and on keys written out, in each model's tests.
+    """
+    return {name: source.read(state.__getitem__) for name, source in layout.mapping.items()}
+
+
 def randomize_(module: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch.nn.Module:
     """Give every parameter random values, so zero-initialised layers (gates, norms) are exercised."""
     generator = torch.Generator().manual_seed(seed)

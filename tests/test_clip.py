@@ -19,6 +19,7 @@ from transformers import CLIPTokenizer as RefTokenizer
 
 from models.checkpoint import Checkpoint, CheckpointError
 from models.clip import CLIPParams, CLIPTokenizer, load_clip
+from models.keys import describe
 from tests.common import clip_bpe_file, randomize_, rel_err, save_state
 
 VOCAB, BOS, EOS = 1000, 998, 999  # a small vocabulary whose largest id ends the text, as in CLIP's
@@ -162,6 +163,13 @@ def test_sd3_file_needs_a_prefix_and_one_checkpoint_serves_both(references, tmp_
     assert_matches(clip_l, references["quick_gelu"], ids)
 
 
+def test_files_are_described(references, tmp_path):
+    for layout, expected in [("transformers", "a CLIP text tower (transformers layout)"),
+                             ("openclip", "a CLIP text tower (OpenCLIP layout)")]:
+        source, _ = write_tower(layout, "gelu", references, tmp_path / layout)
+        assert describe(Checkpoint(source).keys()) == expected
+
+
 def test_tower_without_projection(tmp_path):
     """SD3's CLIP-L: a CLIPTextModel file (transformers 4 keys, `text_model.`) has no text_projection."""
     ref = randomize_(RefTextModel(ref_config(**TOWERS["gelu"])), seed=5).eval()
@@ -204,7 +212,7 @@ def test_params_from_shapes_and_config():
     # A full CLIPModel config nests the text tower's; a config of another model is not read.
     assert CLIPParams.from_shapes(shapes, {"model_type": "clip", "text_config": text}).activation == "quick_gelu"
     assert CLIPParams.from_shapes(shapes, {"model_type": "t5", "hidden_act": "relu"}).activation == "gelu"
-    with pytest.raises(CheckpointError, match="width 768 but the weights have width 1280"):
+    with pytest.raises(CheckpointError, match="hidden_size=768 but the weights have width 1280"):
         CLIPParams.from_shapes(shapes, {"model_type": "clip_text_model", "hidden_size": 768})
     with pytest.raises(CheckpointError, match="hidden_act"):
         CLIPParams.from_shapes(shapes, {"model_type": "clip_text_model", "hidden_act": "relu"})

@@ -6,16 +6,16 @@ guidance like [schnell], are written in both key layouts and loaded with `load_f
 must match diffusers' within 1e-5 relative in fp32, on square and non-square latents, for a
 batch of 2 with different timesteps (and guidance values).
 
-The original layout is written by this file's own renaming, and that renaming is checked
-against diffusers' single-file converter at the released width (the converter hard-codes 3072)
-on tensors that keep every row but only one column.
+The original-layout file is written through our own renaming (`to_original`, which is
+`flux_layout`). Our names, and that renaming, are checked against diffusers' own
+single-file converter (BFL -> diffusers) at the released width (the converter hard-codes 3072),
+on tensors that keep every row but only one column, and on a few keys written out here.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import re
 
 import pytest
 import torch
@@ -24,9 +24,10 @@ from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpo
 
 from accelaes import SkipSparse
 from models.checkpoint import Checkpoint, CheckpointError, build_on_meta
-from models.flux import (DoubleStreamBlock, Flux, FluxParams, SingleStreamBlock, flux_layout, image_ids, load_flux,
-                         pack, text_ids, unpack)
-from tests.common import randomize_, rel_err, save_state
+from models.flux import DoubleStreamBlock, Flux, SingleStreamBlock, image_ids, load_flux, pack, text_ids, unpack
+from models.flux_params import FluxParams, flux_layout
+from models.keys import Concat, SwappedHalves, describe
+from tests.common import randomize_, read_through, rel_err, save_state
 
 TOL = 1e-5
 AXES = (4, 6, 6)
@@ -35,80 +36,15 @@ SMALL = dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, at
 TEXT = 7
 VARIANTS = {"dev": True, "schnell": False}   # guidance_embeds
 
-# The BFL name of each diffusers key (sd3_flux.md section 3, read backwards), written out here
-# independently of models/flux.py so that the test checks the layout rather than repeating it.
-_TOP = {
-    "x_embedder": "img_in", "context_embedder": "txt_in",
-    "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
-    "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
-    "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
-    "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
-    "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
-    "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
-    "proj_out": "final_layer.linear",
-}
-_DOUBLE = {
-    "norm1.linear": "img_mod.lin", "norm1_context.linear": "txt_mod.lin",
-    "attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.proj",
-    "ff.net.0.proj": "img_mlp.0", "ff.net.2": "img_mlp.2",
-    "ff_context.net.0.proj": "txt_mlp.0", "ff_context.net.2": "txt_mlp.2",
-}
-_DOUBLE_NORMS = {
-    "attn.norm_q.weight": "img_attn.norm.query_norm.scale", "attn.norm_k.weight": "img_attn.norm.key_norm.scale",
-    "attn.norm_added_q.weight": "txt_attn.norm.query_norm.scale",
-    "attn.norm_added_k.weight": "txt_attn.norm.key_norm.scale",
-}
-_DOUBLE_FUSED = {"img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
-                 "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")}
-_SINGLE = {"norm.linear": "modulation.lin", "proj_out": "linear2"}
-_SINGLE_NORMS = {"attn.norm_q.weight": "norm.query_norm.scale", "attn.norm_k.weight": "norm.key_norm.scale"}
-_SINGLE_FUSED = {"linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")}
-
-
-def to_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A diffusers FLUX state dict in BFL's layout: q/k/v (and proj_mlp) fused, norm_out's halves swapped."""
-    out, used = {}, set()
-
-    def take(key: str) -> torch.Tensor:
-        used.add(key)
-        return state[key]
-
-    def linears(table: dict[str, str], theirs: str, ours: str) -> None:
-        for src, dst in table.items():
-            for param in ("weight", "bias"):
-                if f"{theirs}{src}.{param}" in state:
-                    out[f"{ours}{dst}.{param}"] = take(f"{theirs}{src}.{param}")
-
-    def fused(table: dict[str, tuple[str, ...]], theirs: str, ours: str) -> None:
-        for dst, parts in table.items():
-            for param in ("weight", "bias"):
-                out[f"{ours}{dst}.{param}"] = torch.cat([take(f"{theirs}{src}.{param}") for src in parts])
-
-    def indices(kind: str) -> list[int]:
-        return sorted({int(m.group(1)) for k in state if (m := re.match(kind + r"\.(\d+)\.", k))})
-
-    linears(_TOP, "", "")
-    shift_scale = [take(f"norm_out.linear.{p}") for p in ("weight", "bias")]   # diffusers: (scale, shift)
-    for param, tensor in zip(("weight", "bias"), shift_scale):
-        scale, shift = tensor.chunk(2)
-        out[f"final_layer.adaLN_modulation.1.{param}"] = torch.cat([shift, scale])
-    for i in indices("transformer_blocks"):
-        theirs, ours = f"transformer_blocks.{i}.", f"double_blocks.{i}."
-        linears(_DOUBLE, theirs, ours)
-        out.update({ours + dst: take(theirs + src) for src, dst in _DOUBLE_NORMS.items()})
-        fused(_DOUBLE_FUSED, theirs, ours)
-    for i in indices("single_transformer_blocks"):
-        theirs, ours = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
-        linears(_SINGLE, theirs, ours)
-        out.update({ours + dst: take(theirs + src) for src, dst in _SINGLE_NORMS.items()})
-        fused(_SINGLE_FUSED, theirs, ours)
-    assert used == set(state), f"not renamed: {sorted(set(state) - used)[:5]}"
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
 # Fixtures: one random diffusers model per variant, written in both layouts
 # ---------------------------------------------------------------------------------------------
+
+def to_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A diffusers FLUX state dict in BFL's layout, read through `flux_layout` (checked against
+    diffusers' converter in test_renamings_agree_with_diffusers_converter)."""
+    return read_through(flux_layout(state), state)
+
 
 @pytest.fixture(scope="module")
 def references() -> dict[str, FluxTransformer2DModel]:
@@ -253,8 +189,8 @@ def _narrow(state: dict[str, torch.Tensor], seed: int = 0) -> dict[str, torch.Te
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_renamings_agree_with_diffusers_converter(variant):
-    """At the released width, diffusers' converter (BFL -> diffusers) and both our renamings
-    (this file's `to_original` and `flux_layout`, diffusers -> BFL) are inverses, tensor for tensor."""
+    """At the released width, diffusers' converter (BFL -> diffusers) takes our names to exactly
+    diffusers' keys, and `flux_layout` (diffusers -> BFL) reads its output back, tensor for tensor."""
     params = FluxParams(guidance_embed=VARIANTS[variant])
     original = _narrow(build_on_meta(lambda: Flux(params)).state_dict())
     converted = convert_flux_transformer_checkpoint_to_diffusers(dict(original))
@@ -262,11 +198,23 @@ def test_renamings_agree_with_diffusers_converter(variant):
         reference = FluxTransformer2DModel(guidance_embeds=VARIANTS[variant])
     assert {k: v.shape[0] for k, v in converted.items()} == {k: v.shape[0] for k, v in reference.state_dict().items()}
 
-    back = to_original(converted)
-    assert set(back) == set(original) and all(torch.equal(back[k], original[k]) for k in original)
     layout = flux_layout(converted.keys())
     read = {name: source.read(converted.__getitem__) for name, source in layout.mapping.items()}
     assert set(read) == set(original) and all(torch.equal(read[k], original[k]) for k in original)
+
+
+def test_fused_keys_written_out():
+    """The keys diffusers keeps apart and BFL fuses, spelled out: a double block's q, k, v per
+    stream (qkv), a single block's q, k, v and MLP input (linear1); and norm_out's halves swapped."""
+    double = [f"transformer_blocks.0.attn.{name}.weight" for name in ("to_q", "to_k", "to_v", "add_q_proj",
+                                                                      "add_k_proj", "add_v_proj")]
+    single = [f"single_transformer_blocks.0.{name}.weight" for name in ("attn.to_q", "attn.to_k", "attn.to_v",
+                                                                       "proj_mlp")]
+    mapping = flux_layout([*double, *single, "norm_out.linear.bias"]).mapping
+    assert mapping == {"double_blocks.0.img_attn.qkv.weight": Concat(tuple(double[:3])),
+                       "double_blocks.0.txt_attn.qkv.weight": Concat(tuple(double[3:])),
+                       "single_blocks.0.linear1.weight": Concat(tuple(single)),
+                       "final_layer.adaLN_modulation.1.bias": SwappedHalves("norm_out.linear.bias")}
 
 
 def test_release_sizes():
@@ -281,6 +229,8 @@ def test_release_sizes():
         ref_shapes = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
         layout = flux_layout(ref_shapes)
         assert layout.shapes(ref_shapes.__getitem__) == state
+        assert describe(ref_shapes) == "a FLUX.1 transformer (diffusers layout)"
+        assert describe(state) == "a FLUX.1 transformer (original layout)"
         assert FluxParams.from_shapes(state) == FluxParams(guidance_embed=guided)   # no config: head 128, (16, 56, 56)
         assert FluxParams.from_shapes(state, dict(reference.config)) == FluxParams(guidance_embed=guided)
     assert sum(p.numel() for p in build_on_meta(lambda: Flux(FluxParams())).parameters()) == 11_901_408_320
@@ -381,11 +331,10 @@ def test_block_runner_and_skip_sparse(models):
     assert seen == [(0, "DoubleStreamBlock"), (1, "DoubleStreamBlock"), (2, "SingleStreamBlock"),
                     (3, "SingleStreamBlock")]
 
-    sparse = SkipSparse()
+    sparse = SkipSparse(TEXT, 60)
     assert torch.equal(our_call(model, x, x["guidance"], block_runner=sparse), dense)   # dense: keeps increments
-    focus = _focus(60)
-    background = torch.stack([torch.tensor([i for i in range(TEXT + 60) if i not in set(row.tolist())])
-                              for row in focus])
+    focus = _focus(60)[:, TEXT:] - TEXT                  # image rows only: SkipSparse adds the text rows
+    background = torch.stack([torch.tensor([i for i in range(60) if i not in set(row.tolist())]) for row in focus])
     sparse.set_focus(focus, background)
     sparse.dense = False
     assert rel_err(our_call(model, x, x["guidance"], block_runner=sparse), dense) < TOL
@@ -400,6 +349,9 @@ def test_probe_sees_image_queries_against_text_keys(models):
     class Probe:
         def __init__(self):
             self.calls = []
+
+        def for_layer(self, index):
+            return self
 
         def record(self, q, k, key_mask, scale, bias=None):
             self.calls.append((q, k, key_mask, scale, bias))

@@ -19,7 +19,7 @@ from PIL import Image
 
 import sample
 from accelaes import AccelAes, AccelAesConfig
-from models.flux_pipeline import FluxPipeline, FluxSettings
+from pipelines.flux import FluxPipeline, FluxSettings
 from tests.common import randomize_, rel_err, save_state
 from tests.test_clip import write_vocab_and_merges
 from tests.test_flux import to_original as flux_original

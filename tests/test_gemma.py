@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import importlib.util
 import random
+import re
 
 import pytest
 import torch
 
-from models.checkpoint import CheckpointError
+from models.checkpoint import Checkpoint, CheckpointError
 from models.gemma import GemmaEncoder, GemmaParams, GemmaTokenizer, load_gemma
+from models.keys import describe
 from models import sentencepiece_model
 from models.sentencepiece_model import read_sentencepiece_model
 from tests.common import randomize_, rel_err, save_state
@@ -65,6 +67,7 @@ def test_params_from_config(reference):
         model = load_gemma(path)
         assert model.p == GemmaParams(vocab_size=VOCAB, width=64, layers=4, heads=4, kv_heads=1, head_dim=32,
                                       mlp_width=256, eps=1e-6, rope_theta=10000.0)
+    assert describe(Checkpoint(causal).keys()) == "a decoder-only language model such as Gemma under 'model.'"
 
 
 @pytest.mark.parametrize("layout", ["GemmaModel", "GemmaForCausalLM"])
@@ -290,13 +293,61 @@ def test_missing_or_wrong_tokenizer(tmp_path, sp_model):
         GemmaTokenizer(tmp_path / "t5.model")
 
 
+def test_why_not_the_library(sp_model, tokenizers, tmp_path):
+    """Why GemmaTokenizer runs its own BPE over models/sentencepiece_model.py's reading of the
+    .model instead of asking sentencepiece.SentencePieceProcessor for ids: the library's ids
+    are not transformers' (the reference Lumina-Next was trained with), for two reasons.
+    """
+    _, theirs = tokenizers
+
+    def reference(text: str) -> list[int]:
+        return theirs(text, add_special_tokens=False)["input_ids"]
+
+    # 1. The library applies the .model's normalizer (here sentencepiece's default: a dummy "▁"
+    #    prefix, whitespace collapsing, NFKC), which transformers ignores.
+    processor = spm.SentencePieceProcessor(model_file=str(sp_model))
+    for prompt in ["a photo of a cat", "multiple    spaces", "ｆｕｌｌｗｉｄｔｈ"]:
+        assert processor.encode(prompt) != reference(prompt) == GemmaTokenizer(sp_model).encode(prompt)
+
+    # 2. With Gemma's own normalizer settings (none of the three), the library's ids are the
+    #    reference's only if the user-defined pieces are split off first, as transformers does:
+    #    the library cannot say which pieces those are (it has is_control, is_unknown, is_byte,
+    #    is_unused, and no is_user_defined), so they come from our reader.
+    (tmp_path / "corpus.txt").write_text("\n".join(corpus()), encoding="utf-8")
+    spm.SentencePieceTrainer.train(
+        input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "tokenizer"), vocab_size=VOCAB,
+        model_type="bpe", byte_fallback=True, split_digits=True, pad_id=0, eos_id=1, bos_id=2, unk_id=3,
+        pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>", control_symbols=["<mask>"],
+        user_defined_symbols=USER_DEFINED, normalization_rule_name="identity", add_dummy_prefix=False,
+        remove_extra_whitespaces=False, num_threads=1, minloglevel=2)
+    model_file = tmp_path / "tokenizer.model"
+    theirs, processor = transformers_tokenizer(model_file), spm.SentencePieceProcessor(model_file=str(model_file))
+    prompt = "multiple    spaces     between  words"
+    known = [processor.id_to_piece(i) for i in range(processor.get_piece_size())
+             if processor.is_control(i) or processor.is_unknown(i)]
+    ours = read_sentencepiece_model(model_file)
+    user_defined = [piece for piece, kind in zip(ours.pieces, ours.types) if kind == sentencepiece_model.USER_DEFINED]
+    assert user_defined == USER_DEFINED
+    assert _split_encode(processor, prompt, known) != reference(prompt)
+    assert _split_encode(processor, prompt, known + user_defined) == reference(prompt)
+
+
+def _split_encode(processor, text: str, added: list[str]) -> list[int]:
+    """The library's ids of the spans between `added` pieces (matched in the raw text, longest first)."""
+    pattern = re.compile("|".join(map(re.escape, sorted(added, key=len, reverse=True))))
+    ids, start = [], 0
+    for match in pattern.finditer(text):
+        ids += processor.encode(text[start:match.start()]) + [processor.piece_to_id(match.group())]
+        start = match.end()
+    return ids + processor.encode(text[start:])
+
+
 def test_sentencepiece_reader(sp_model, tmp_path):
     """models/sentencepiece_model.py against sentencepiece itself, on a model with every kind of piece."""
     model = read_sentencepiece_model(sp_model)
     processor = spm.SentencePieceProcessor(model_file=str(sp_model))
     ids = range(processor.get_piece_size())
     assert model.pieces == [processor.id_to_piece(i) for i in ids]
-    assert model.scores == [processor.get_score(i) for i in ids]
 
     def kind(i: int) -> int:  # sentencepiece cannot say "user-defined": those are our USER_DEFINED list
         for test, piece_type in [(processor.is_unknown, sentencepiece_model.UNKNOWN),

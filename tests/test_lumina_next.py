@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import re
 
+from dataclasses import replace
+
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, LuminaNextDiT2DModel, LuminaPipeline
 from diffusers.models.embeddings import get_2d_rotary_pos_embed_lumina
 
 from models.checkpoint import Checkpoint, CheckpointError, build_on_meta
-from models.layouts import nextdit_layout
-from models.lumina_next import NextDiT, NextDiTParams, load_nextdit, time_aware_rope_factors
+from models.keys import describe
+from models.lumina_next import NextDiT, NextDiTParams, load_nextdit, nextdit_layout, time_aware_rope_factors
 from tests.common import randomize_, rel_err, save_state
 
 TOL = 1e-5
@@ -28,7 +30,7 @@ SMALL = dict(sample_size=SAMPLE_SIZE, patch_size=2, in_channels=4, hidden_size=1
              qk_norm=True, cross_attention_dim=64)
 
 # The original Lumina-T2X names of each diffusers key (reference section 1), written out here
-# independently of models/layouts.py so that the test checks the layout rather than repeating it.
+# independently of nextdit_layout so that the test checks the layout rather than repeating it.
 _ORIGINAL_BLOCK = {
     "attn1.to_q.weight": "attention.wq.weight",
     "attn1.to_k.weight": "attention.wk.weight",
@@ -261,6 +263,8 @@ def test_release_sizes():
     assert shapes == {k: tuple(v.shape) for k, v in state.items()}
     assert NextDiTParams.from_shapes(shapes, dict(ref.config)) == NextDiTParams()
     assert NextDiTParams.from_shapes({k: tuple(v.shape) for k, v in state.items()}) == NextDiTParams()
+    assert describe(ref_shapes) == "a Lumina-Next NextDiT (diffusers layout)"
+    assert describe(state) == "a Lumina-Next NextDiT (original layout)"
 
 
 def test_our_names_are_the_original_ones(files, models):
@@ -296,9 +300,10 @@ def test_block_pieces_take_a_subset_of_queries(models):
     tokens give exactly those rows of the dense block (the sparse path itself is not here)."""
     model = models["diffusers"]
     x, feats, mask = inputs(16, 24)
-    step = model.step_inputs(torch.tensor([0.4, 0.4]), feats, mask, (8, 12), rope_linear_factor=0.7)
-    tokens = model.x_embedder(model.patchify(x))
     block = model.layers[0]
+    step = model.step_inputs(torch.tensor([0.4, 0.4]), feats, mask, (8, 12), rope_linear_factor=0.7)
+    step = replace(step, text_kv=block.caption_keys_values(feats))
+    tokens = model.x_embedder(model.patchify(x))
     focus = torch.tensor([0, 5, 17, 40, 95])
     with torch.no_grad():
         dense = block(tokens, step)

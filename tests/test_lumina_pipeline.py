@@ -18,7 +18,7 @@ from PIL import Image
 
 import sample
 from models.checkpoint import CheckpointError
-from models.lumina_pipeline import LuminaNextPipeline, LuminaSettings
+from pipelines.lumina_next import LuminaNextPipeline, LuminaSettings
 from tests.common import randomize_, rel_err, save_state
 from tests.test_gemma import train_tokenizer, transformers_tokenizer
 from tests.test_lumina_next import to_original
@@ -60,7 +60,8 @@ def saved(tmp_path_factory):
     return pipeline, folder / "Lumina-Next-tiny-diffusers"
 
 
-def run_diffusers(pipeline: LuminaPipeline, steps: int, guidance: float, watershed: float, seed: int = 0):
+def run_diffusers(pipeline: LuminaPipeline, steps: int, guidance: float, watershed: float, seed: int = 0,
+                  negative_prompt: str | None = None):
     final = {}
 
     def keep_latents(pipe, step, timestep, tensors):
@@ -70,6 +71,7 @@ def run_diffusers(pipeline: LuminaPipeline, steps: int, guidance: float, watersh
     with torch.no_grad():
         image = pipeline(PROMPT, height=HEIGHT, width=WIDTH, num_inference_steps=steps, guidance_scale=guidance,
                          scaling_watershed=watershed, generator=torch.Generator().manual_seed(seed),
+                         negative_prompt=negative_prompt,
                          clean_caption=False, output_type="pil", callback_on_step_end=keep_latents).images[0]
     return final["latents"], image
 
@@ -83,6 +85,19 @@ def test_same_seed_same_latents_as_diffusers(saved, steps, guidance, watershed):
     latents, _ = ours.generate([PROMPT], seed=0, height=HEIGHT, width=WIDTH, settings=settings)
     assert rel_err(latents, expected) < 1e-4
     assert rel_err(latents, expected.roll(1, dims=-1)) > 1e-2  # the comparison can fail
+
+
+def test_negative_prompt_with_capitals_as_diffusers(saved):
+    """diffusers lowercases the prompt but takes the negative prompt as it is."""
+    reference, folder = saved
+    negative = "Blurry, LOW Quality"
+    expected, _ = run_diffusers(reference, 5, 4.0, 1.0, negative_prompt=negative)
+    ours = LuminaNextPipeline.from_folder(folder, dtype=torch.float32)
+    latents, _ = ours.generate([PROMPT], [negative], seed=0, height=HEIGHT, width=WIDTH, settings=LuminaSettings(steps=5))
+    assert rel_err(latents, expected) < 1e-4
+    lowered, _ = ours.generate([PROMPT], [negative.lower()], seed=0, height=HEIGHT, width=WIDTH,
+                               settings=LuminaSettings(steps=5))
+    assert rel_err(lowered, expected) > 1e-4  # the capitals matter, so the test can fail
 
 
 def test_original_files_layout(saved, tmp_path):

@@ -5,7 +5,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from models.sampling import FlowMatchSchedule, timesteps_of
+from pipelines.sampling import FlowMatchSchedule, timesteps_of
 
 
 @pytest.mark.parametrize("shift", [1.0, 3.0, 6.0])
@@ -44,7 +44,7 @@ def test_unsupported_settings_are_refused():
 
 
 def test_cfg_negatives():
-    from models.sampling import cfg_negatives
-    assert cfg_negatives(["a", "b"], None, 4.0) == ["", ""]
-    assert cfg_negatives(["a"], ["blurry"], 7.0) == ["blurry"]
-    assert cfg_negatives(["a"], ["blurry"], 1.0) is None
+    from pipelines.sampling import cfg_negatives
+    assert cfg_negatives(["a", "b"], None, True) == ["", ""]
+    assert cfg_negatives(["a"], ["blurry"], True) == ["blurry"]
+    assert cfg_negatives(["a"], ["blurry"], False) is None

@@ -20,7 +20,7 @@ from PIL import Image
 import sample
 from accelaes import AccelAes, AccelAesConfig
 from models.checkpoint import CheckpointError
-from models.sd3_pipeline import SD3Pipeline, SD3Settings
+from pipelines.sd3 import SD3Pipeline, SD3Settings
 from tests.common import randomize_, rel_err, save_state
 from tests.test_clip import write_vocab_and_merges
 from tests.test_mmdit import to_original as mmdit_original
@@ -143,7 +143,7 @@ def test_words_of_every_segment_are_scored(saved):
     """AesMask reads CLIP's 77 positions then T5's, each with its own tokenizer's word grouping."""
     _, folder = saved
     ours = SD3Pipeline.from_folder(folder, dtype=torch.float32)
-    (clip, clip_style), (t5, t5_style) = ours.prompt_segments([PROMPT], 256)
+    (clip, clip_style), (t5, t5_style) = ours.prompt_segments([PROMPT], None, SD3Settings())
     assert (clip_style, t5_style) == ("bpe", "sentencepiece")
     assert len(clip[0]) == 77 and len(t5[0]) == 256 and clip[0][0] is None
     assert "photorealistic" in "".join(p for p in clip[0] if p).replace("</w>", " ")
@@ -154,13 +154,12 @@ def test_missing_parts(saved, tmp_path, capsys):
     _, folder = saved
     assert sample.main(["--model", "sd3", "--weights", str(tmp_path), "--output", str(tmp_path / "x.png")]) == 2
     assert "has no tokenizer/ folder" in capsys.readouterr().err
-    assert sample.main(["--model", "sd3", "--output", str(tmp_path / "x.png")]) == 2
-    assert "--model sd3 needs --weights" in capsys.readouterr().err
     assert sample.main(["--model", "sd3", "--weights", str(folder), "--solver", "midpoint",
                         "--output", str(tmp_path / "x.png")]) == 2
     assert "--solver applies to --model lumina-next only" in capsys.readouterr().err
     assert sample.main(["--model", "sd3", "--weights", str(folder), "--save-mask", "--output", str(tmp_path / "x.png")]) == 2
     assert "--save-mask: this run builds no mask (SD3 runs StepCache alone by default); add --sparse" in \
         capsys.readouterr().err
-    assert sample.main(["--text-device", "cpu", "--output", str(tmp_path / "x.png")]) == 2
-    assert "--text-device applies to --model sd3 and --model flux only" in capsys.readouterr().err
+    assert sample.main(["--model", "sd3", "--weights", str(folder), "--scaling-watershed", "0.3",
+                        "--output", str(tmp_path / "x.png")]) == 2
+    assert "--scaling-watershed applies to --model lumina-next only" in capsys.readouterr().err

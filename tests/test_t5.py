@@ -22,6 +22,7 @@ from transformers.models.t5.modeling_t5 import T5Attention as RefAttention
 
 from models.attention import attention
 from models.checkpoint import Checkpoint, CheckpointError
+from models.keys import describe
 from models.sentencepiece_model import read_sentencepiece_model
 from models.t5 import T5Encoder, T5Params, T5Tokenizer, load_t5, relative_position_bucket
 from tests.common import randomize_, rel_err, save_state
@@ -126,6 +127,8 @@ def test_sd3_single_file(ref, tmp_path, prefix):
     state["model.diffusion_model.x_embedder.proj.weight"] = torch.ones(4, 16, 2, 2)
     path = save_state(state, tmp_path / "sd3_medium_incl_clips_t5xxl.safetensors")
     assert_matches(load_t5(Checkpoint(path), prefix=prefix), ref)
+    assert describe(state) == ("a CLIP text tower (transformers layout) under 'text_encoders.clip_l.transformer.'; "
+                               "a T5 encoder under 'text_encoders.t5xxl.transformer.'")
 
 
 def test_embed_tokens_only(tmp_path):
@@ -260,8 +263,9 @@ def reference_from_spm(folder) -> RefTokenizer:
     transformers reads the .model with the protobuf package; without it, it silently builds a
     tokenizer with an empty vocabulary. Then the reference is built as transformers' T5
     converter builds it (the .model's pieces and scores, read here by sentencepiece, plus the
-    100 sentinels in reverse; its normalizer table), and test_spm_normalizer checks that table
-    against sentencepiece's own normalization.
+    100 sentinels in reverse; its normalizer table, read by models/sentencepiece_model.py), and
+    test_spm_normalizer checks that table, in the tokenizer.json saved from it, against
+    sentencepiece's own normalization.
     """
     if _protobuf_available():
         return RefTokenizer.from_pretrained(folder)
@@ -344,10 +348,11 @@ def test_tokenizer_json_as_released(tokenizer_folders, tmp_path):
 
 
 def test_spm_normalizer(tokenizer_folders):
-    """Our pieces spell out exactly what sentencepiece's own normalizer makes of the text."""
-    folder, _ = tokenizer_folders["spm"]
+    """From tokenizer.json too, our pieces spell out exactly what sentencepiece's own normalizer
+    makes of the text (from spiece.model, sentencepiece itself makes the pieces)."""
+    folder, _ = tokenizer_folders["json"]
     ours = T5Tokenizer(folder)
-    processor = sentencepiece.SentencePieceProcessor(model_file=str(folder / "spiece.model"))
+    processor = sentencepiece.SentencePieceProcessor(model_file=str(tokenizer_folders["spm"][0] / "spiece.model"))
     for prompt in PROMPTS:
         if "<" in prompt or not prompt.strip():  # added tokens are ours, not sentencepiece's
             continue
@@ -364,9 +369,9 @@ def test_tokenizer_errors(tmp_path):
     (tmp_path / "spiece.model").write_bytes(b"\xff\xff\xff not a model")
     with pytest.raises(CheckpointError, match="not a SentencePiece"):
         T5Tokenizer(tmp_path)
-    bpe = io.BytesIO()  # a SentencePiece model of the wrong kind (Gemma's are BPE)
+    bpe = io.BytesIO()  # another model's tokenizer: sentencepiece's defaults, no <pad> (Gemma's has no </s>)
     sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(corpus(100)), model_writer=bpe, model_type="bpe",
                                              vocab_size=200, hard_vocab_limit=False, minloglevel=2)
     (tmp_path / "spiece.model").write_bytes(bpe.getvalue())
-    with pytest.raises(CheckpointError, match="not a SentencePiece unigram model"):
+    with pytest.raises(CheckpointError, match="has no <pad> piece: it is not T5's tokenizer"):
         T5Tokenizer(tmp_path)

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from models.checkpoint import Checkpoint, CheckpointError, build_on_meta
-from models.vae import AutoencoderKL, VAEParams, load_vae, tiny_random_vae
-from tests.common import rel_err, randomize_, save_state
+from models.keys import AsConv1x1, Key, describe
+from models.vae import AutoencoderKL, VAEParams, load_vae, tiny_random_vae, vae_layout
+from tests.common import read_through, rel_err, randomize_, save_state
 
 
 TOL = 1e-5
@@ -34,41 +35,28 @@ def diffusers_vae(variant: str):
     return randomize_(vae, seed=len(variant)).eval()
 
 
-def to_ldm(state: dict[str, torch.Tensor], up_blocks: int) -> dict[str, torch.Tensor]:
-    """The test's own diffusers -> LDM renaming (verified below against diffusers' converter)."""
-    rules = [
-        (r"down_blocks\.(\d+)\.resnets\.", r"down.\1.block."),
-        (r"down_blocks\.(\d+)\.downsamplers\.0\.", r"down.\1.downsample."),
-        (r"up_blocks\.(\d+)\.resnets\.", lambda m: f"up.{up_blocks - 1 - int(m.group(1))}.block."),
-        (r"up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: f"up.{up_blocks - 1 - int(m.group(1))}.upsample."),
-        (r"conv_shortcut", "nin_shortcut"),
-        (r"mid_block\.resnets\.0\.", "mid.block_1."),
-        (r"mid_block\.resnets\.1\.", "mid.block_2."),
-        (r"mid_block\.attentions\.0\.group_norm\.", "mid.attn_1.norm."),
-        (r"mid_block\.attentions\.0\.to_(q|k|v)\.", r"mid.attn_1.\1."),
-        (r"mid_block\.attentions\.0\.to_out\.0\.", "mid.attn_1.proj_out."),
-        (r"conv_norm_out", "norm_out"),
-    ]
-    ldm = {}
-    for key, tensor in state.items():
-        name = key
-        for pattern, replacement in rules:
-            name = re.sub(pattern, replacement, name)
-        if re.search(r"attn_1\.(q|k|v|proj_out)\.weight$", name):
-            tensor = tensor[:, :, None, None]  # Linear -> 1x1 conv
-        ldm[name] = tensor
+def to_ldm(state: dict[str, torch.Tensor], up_blocks: int | None = None) -> dict[str, torch.Tensor]:
+    """A diffusers VAE state dict in the LDM layout, read through `vae_layout` (which counts the
+    up blocks itself: `up_blocks` is only checked)."""
+    ldm = read_through(vae_layout(state), state)
+    assert up_blocks is None or f"decoder.up.{up_blocks - 1}.block.0.conv1.weight" in ldm
     return ldm
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def case(request, tmp_path_factory):
-    """A random diffusers VAE, saved as a diffusers folder and as an SD-style LDM single file."""
+    """A random diffusers VAE, saved as a diffusers folder and as an SD-style LDM single file.
+
+    The LDM file is written through our own renaming (`to_ldm`); that it is what diffusers
+    means by the LDM layout is checked through diffusers' converter
+    (test_ldm_file_is_what_diffusers_converts).
+    """
     variant = request.param
     reference = diffusers_vae(variant)
     folder = tmp_path_factory.mktemp(f"vae_{variant}")
     reference.save_pretrained(folder / "diffusers", safe_serialization=True)
 
-    ldm = to_ldm(reference.state_dict(), len(reference.config.block_out_channels))
+    ldm = to_ldm(reference.state_dict())
     full = {LDM_PREFIX + k: v for k, v in ldm.items()}
     full["model.diffusion_model.x"] = torch.zeros(2)  # another model in the same file
     save_state(full, folder / "ldm.safetensors")
@@ -94,8 +82,9 @@ def check_against_diffusers(ours: AutoencoderKL, reference, encode: bool = True)
             assert rel_err(logvar, posterior.logvar) < TOL
 
 
-def test_ldm_renaming_matches_diffusers_converter(case):
-    """The test's LDM file converts back, through diffusers' own converter, to the same state dict."""
+def test_ldm_file_is_what_diffusers_converts(case):
+    """The LDM file goes through diffusers' own LDM -> diffusers converter back to the
+    reference's state dict, tensor for tensor."""
     _, reference, _, _, full = case
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
@@ -104,6 +93,32 @@ def test_ldm_renaming_matches_diffusers_converter(case):
     assert sorted(converted) == sorted(expected)
     for key, tensor in expected.items():
         assert torch.equal(converted[key], tensor), key
+
+
+def test_renamings_written_out():
+    """A few diffusers keys and the LDM names they become, spelled out: diffusers counts the
+    decoder's levels from the lowest resolution, LDM from the highest; older diffusers files
+    name the attention query / key / value / proj_attn; diffusers' attention uses Linears."""
+    keys = ["decoder.conv_in.weight", "decoder.up_blocks.0.resnets.0.conv1.weight",
+            "decoder.up_blocks.2.upsamplers.0.conv.bias", "encoder.down_blocks.1.resnets.0.conv_shortcut.weight",
+            "encoder.mid_block.attentions.0.query.weight", "decoder.mid_block.attentions.0.to_out.0.weight",
+            "decoder.mid_block.attentions.0.group_norm.bias", "decoder.conv_norm_out.weight"]
+    assert vae_layout(keys).mapping == {
+        "decoder.conv_in.weight": Key("decoder.conv_in.weight"),
+        "decoder.up.2.block.0.conv1.weight": Key("decoder.up_blocks.0.resnets.0.conv1.weight"),
+        "decoder.up.0.upsample.conv.bias": Key("decoder.up_blocks.2.upsamplers.0.conv.bias"),
+        "encoder.down.1.block.0.nin_shortcut.weight": Key("encoder.down_blocks.1.resnets.0.conv_shortcut.weight"),
+        "encoder.mid.attn_1.q.weight": AsConv1x1("encoder.mid_block.attentions.0.query.weight"),
+        "decoder.mid.attn_1.proj_out.weight": AsConv1x1("decoder.mid_block.attentions.0.to_out.0.weight"),
+        "decoder.mid.attn_1.norm.bias": Key("decoder.mid_block.attentions.0.group_norm.bias"),
+        "decoder.norm_out.weight": Key("decoder.conv_norm_out.weight"),
+    }
+
+
+def test_files_are_described(case):
+    _, _, folder, _, full = case
+    assert describe(full) == "a VAE (LDM layout) under 'first_stage_model.'"
+    assert describe(Checkpoint(folder / "diffusers").keys()) == "a VAE (diffusers layout)"
 
 
 def test_diffusers_folder(case):

@@ -23,19 +23,20 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import Checkpoint, CheckpointError
-from .clip import CLIPTextModel, CLIPTokenizer, load_clip
-from .mmdit import MMDiT, load_mmdit
-from .sampling import FlowMatchSchedule, cfg_negatives, check_size, sample_flow
-from .t5 import T5Encoder, T5Tokenizer, load_t5
-from .vae import AutoencoderKL, load_vae
+from models.checkpoint import Checkpoint, CheckpointError
+from models.clip import CLIPParams, CLIPTextModel, CLIPTokenizer, load_clip
+from models.mmdit import MMDiT, MMDiTParams, load_mmdit
+from models.t5 import T5Encoder, T5Params, T5Tokenizer, load_t5
+from models.vae import AutoencoderKL, load_vae, tiny_random_vae
+
+from .base import Pipeline
+from .random_parts import ByteCLIPTokenizer, ByteT5Tokenizer, randomized
+from .sampling import FlowMatchSchedule
 
 SD3_VAE_SCALE, SD3_VAE_SHIFT = 1.5305, 0.0609
 T5_WIDTH = 4096
@@ -46,7 +47,7 @@ class SD3Settings:
     """What shapes one generation; the defaults are diffusers' StableDiffusion3Pipeline's."""
     steps: int = 28
     guidance: float = 7.0          # CFG scale; <= 1 runs the conditional branch alone
-    max_t5_tokens: int = 256
+    max_sequence_length: int = 256  # T5 tokens of the prompt
     shift: float | None = None     # None: the scheduler config's (3.0 for the releases)
 
 
@@ -56,8 +57,10 @@ class SD3Conditioning:
     pooled: torch.Tensor       # [B or 2B, 2048]
 
 
-class SD3Pipeline:
-    """The released components of SD3 / SD3.5 and the loop that turns noise into an image."""
+class SD3Pipeline(Pipeline):
+    """The released components of SD3 / SD3.5."""
+    title = "SD3"
+    Settings = SD3Settings
 
     def __init__(self, transformer: MMDiT, clip_l: CLIPTextModel, clip_g: CLIPTextModel, t5: T5Encoder | None,
                  clip_l_tokenizer: CLIPTokenizer, clip_g_tokenizer: CLIPTokenizer, t5_tokenizer: T5Tokenizer,
@@ -133,67 +136,82 @@ class SD3Pipeline:
                                   "and clip_g.safetensors, or an sd3*_incl_clips*.safetensors file (weights.md)")
         return transformer, clip_l, clip_g, t5, vae
 
-    # ---- the steps of a generation ---------------------------------------------------------
+    @classmethod
+    def random(cls, seed: int = 0, layers: int | None = None) -> "SD3Pipeline":
+        """Byte tokenizers and small CLIP-L, CLIP-G and T5 encoders, with a tiny MMDiT (layers None)
+        or SD3-Medium's widths with `layers` blocks; the encoders' widths are what the MMDiT reads
+        (CLIP states side by side, padded to T5's width)."""
+        generator = torch.Generator().manual_seed(seed)
+        widths = (32, 32, 64) if layers is None else (768, 1280, T5_WIDTH)     # CLIP-L, CLIP-G, T5
+        clip_l, clip_g = (randomized(CLIPTextModel(CLIPParams(
+            vocab_size=ByteCLIPTokenizer.vocab_size, width=width, layers=2, heads=2, mlp_width=64,
+            max_positions=77, activation="quick_gelu", projection_dim=width, eos_token_id=ByteCLIPTokenizer.eot_id)),
+            generator, norms_near_one=True) for width in widths[:2])
+        t5 = randomized(T5Encoder(T5Params(vocab_size=ByteT5Tokenizer.vocab_size, width=widths[2], layers=1, heads=2,
+                                           head_dim=32, mlp_width=64)), generator, norms_near_one=True)
+        params = (MMDiTParams(depth=2, hidden=64, heads=2, context_dim=64, pooled_dim=64, pos_embed_max=64)
+                  if layers is None else MMDiTParams(depth=layers))
+        transformer = randomized(MMDiT(params), generator, 0.05 if layers is None else 0.02, norms_near_one=True)
+        return cls(transformer, clip_l, clip_g, t5, ByteCLIPTokenizer(), ByteCLIPTokenizer(), ByteT5Tokenizer(),
+                   tiny_random_vae(16, seed), FlowMatchSchedule(shift=3.0))
+
+    # ---- the steps of a generation ------------------------------------------------------------
 
     @property
     def device(self) -> torch.device:
         return self.transformer.context_embedder.weight.device
 
-    def encode_prompts(self, prompts: list[str], negative_prompts: list[str] | None,
-                       max_t5_tokens: int = 256) -> SD3Conditioning:
+    def encode(self, prompts: list[str], negative_prompts: list[str] | None, settings: SD3Settings) -> SD3Conditioning:
         texts = prompts + (negative_prompts or [])
         weight = self.clip_l.embeddings.token_embedding.weight
         dtype, text_device = weight.dtype, weight.device
+        length = settings.max_sequence_length
         with torch.no_grad():
             clip_l = self.clip_l(self.clip_l_tokenizer(texts).to(text_device))
             clip_g = self.clip_g(self.clip_g_tokenizer(texts).to(text_device))
-            t5_ids, _ = self.t5_tokenizer(texts, max_length=max_t5_tokens)
+            t5_ids, _ = self.t5_tokenizer(texts, max_length=length)
             if self.t5 is not None:
                 t5_states = self.t5(t5_ids.to(text_device))
             else:  # diffusers without text_encoder_3: zeros in T5's place
-                t5_states = torch.zeros(len(texts), max_t5_tokens, T5_WIDTH, device=text_device, dtype=dtype)
+                width = self.transformer.params.context_dim
+                t5_states = torch.zeros(len(texts), length, width, device=text_device, dtype=dtype)
         clip_states = torch.cat([clip_l.hidden_states[-2], clip_g.hidden_states[-2].to(dtype)], dim=-1)
         clip_states = F.pad(clip_states, (0, t5_states.shape[-1] - clip_states.shape[-1]))
         context = torch.cat([clip_states, t5_states.to(dtype)], dim=1)
         pooled = torch.cat([clip_l.pooled_projected, clip_g.pooled_projected.to(dtype)], dim=-1)
         return SD3Conditioning(context.to(self.device), pooled.to(self.device))
 
-    def initial_noise(self, batch: int, height: int, width: int, seed: int, dtype: torch.dtype) -> torch.Tensor:
+    def initial_noise(self, batch: int, height: int, width: int, seed: int, text: SD3Conditioning) -> torch.Tensor:
         generator = torch.Generator("cpu").manual_seed(seed)
         shape = (batch, self.transformer.params.in_channels, height // self.vae.downscale, width // self.vae.downscale)
-        return torch.randn(shape, generator=generator, dtype=dtype).to(self.device)
+        return torch.randn(shape, generator=generator, dtype=text.context.dtype).to(self.device)
 
-    def velocity(self, latents: torch.Tensor, timestep: torch.Tensor, text: SD3Conditioning,
-                 settings: SD3Settings, *, guidance: float | torch.Tensor | None = None, probe=None,
-                 block_runner=None) -> torch.Tensor:
-        """One guided evaluation at timestep = sigma * 1000: the velocity noise - data."""
-        guided = settings.guidance > 1
-        scale = settings.guidance if guidance is None else guidance
-        model_input = torch.cat([latents, latents]) if guided else latents
+    def predict(self, latents: torch.Tensor, timestep: torch.Tensor, text: SD3Conditioning, settings: SD3Settings,
+                size: tuple[int, int], *, probe=None, block_runner=None) -> torch.Tensor:
+        """One evaluation at timestep = sigma * 1000: the velocity noise - data of every row."""
+        model_input = torch.cat([latents, latents]) if self.guided(settings) else latents
         with torch.no_grad():
-            prediction = self.transformer(model_input, timestep.expand(model_input.shape[0]).to(self.device),
-                                          text.context, text.pooled, probe=probe, block_runner=block_runner)
-        if guided:
-            cond, uncond = prediction.chunk(2)
-            if torch.is_tensor(scale):
-                scale = scale.to(cond.device, cond.dtype)
-            prediction = uncond + scale * (cond - uncond)
-        return prediction
+            return self.transformer(model_input, timestep.expand(model_input.shape[0]).to(self.device),
+                                    text.context, text.pooled, probe=probe, block_runner=block_runner)
 
-    def sigmas(self, settings: SD3Settings) -> torch.Tensor:
-        schedule = self.schedule
-        if settings.shift is not None:
-            schedule = FlowMatchSchedule(**{**schedule.__dict__, "shift": settings.shift})
+    def sigmas(self, settings: SD3Settings, size: tuple[int, int]) -> torch.Tensor:
+        schedule = self.schedule.with_shift(settings.shift)
         if schedule.use_dynamic_shifting:  # SD3.5 configs may shift with the image size
             raise CheckpointError("this scheduler_config.json shifts with the image size, which SD3 here does not "
                                   "implement; pass --shift")
         return schedule.sigmas(settings.steps)
 
-    def prompt_segments(self, prompts: list[str], t5_tokens: int) -> list[tuple[list[list[str | None]], str]]:
-        """What AesMask reads: the token text at each context position of the prompts, CLIP's 77
-        (the same words for CLIP-L and CLIP-G, side by side) then T5's; None for start, end and
-        padding positions."""
-        clip_length = self.clip_l_tokenizer.max_length
+    def decode(self, latents: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        with torch.no_grad():
+            images = self.vae.decode((latents / self.vae_scale + self.vae_shift).to(torch.float32))
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    # ---- what AesMask reads ---------------------------------------------------------------------
+
+    def prompt_segments(self, prompts: list[str], text: SD3Conditioning, settings: SD3Settings):
+        """The token text at each context position of the prompts, CLIP's 77 (the same words for
+        CLIP-L and CLIP-G, side by side) then T5's; None for start, end and padding positions."""
+        clip_length, t5_tokens = self.clip_l_tokenizer.max_length, settings.max_sequence_length
         clip, t5 = [], []
         for prompt in prompts:
             pieces = self.clip_l_tokenizer.tokens(prompt)[1:-1]          # without start / end of text
@@ -202,40 +220,12 @@ class SD3Pipeline:
             t5.append([*pieces, *[None] * (t5_tokens - len(pieces))])
         return [(clip, "bpe"), (t5, "sentencepiece")]
 
-    def prepare(self, prompts: list[str], negative_prompts: list[str] | None, *, seed: int, height: int,
-                width: int, settings: SD3Settings, accelerator=None) -> tuple[SD3Conditioning, torch.Tensor]:
-        check_size(height, width, "SD3")
-        negative_prompts = cfg_negatives(prompts, negative_prompts, settings.guidance)
-        text = self.encode_prompts(prompts, negative_prompts, settings.max_t5_tokens)
-        noise = self.initial_noise(len(prompts), height, width, seed, text.context.dtype)
-        if accelerator is not None:
-            patch = self.transformer.params.patch_size
-            accelerator.start(segments=self.prompt_segments(prompts, settings.max_t5_tokens),
-                              grid=(noise.shape[2] // patch, noise.shape[3] // patch),
-                              latent_size=tuple(noise.shape[2:]), steps=settings.steps,
-                              guided=settings.guidance > 1, text_tokens=text.context.shape[1])
-        return text, noise
+    def token_grid(self, height: int, width: int) -> tuple[int, int]:
+        patch = self.transformer.params.patch_size * self.vae.downscale
+        return height // patch, width // patch
 
-    def denoise(self, noise: torch.Tensor, text: SD3Conditioning, settings: SD3Settings,
-                progress: Callable[[int, int], None] | None = None, accelerator=None) -> torch.Tensor:
-        return sample_flow(noise, self.sigmas(settings), partial(self.velocity, text=text, settings=settings),
-                           num_train_timesteps=self.schedule.num_train_timesteps, accelerator=accelerator,
-                           progress=progress)
+    def text_tokens(self, text: SD3Conditioning) -> int:
+        return text.context.shape[1]
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents to images in [0, 1], [B, 3, H, W], float32."""
-        with torch.no_grad():
-            images = self.vae.decode((latents / self.vae_scale + self.vae_shift).to(torch.float32))
-        return (images.float() / 2 + 0.5).clamp(0, 1)
-
-    def generate(self, prompts: list[str], negative_prompts: list[str] | None = None, *, seed: int = 0,
-                 height: int = 1024, width: int = 1024, settings: SD3Settings | None = None,
-                 progress: Callable[[int, int], None] | None = None,
-                 accelerator=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(final latents, images in [0, 1]) for a batch of prompts."""
-        settings = settings or SD3Settings()
-        text, noise = self.prepare(prompts, negative_prompts, seed=seed, height=height, width=width,
-                                   settings=settings, accelerator=accelerator)
-        latents = self.denoise(noise, text, settings, progress, accelerator)
-        return latents, self.decode(latents)
-
+    def aesmask_clip(self):
+        return self.clip_l, self.clip_l_tokenizer

@@ -13,7 +13,7 @@ when the scheduler is built and once more when the schedule is set.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Callable
 
@@ -43,6 +43,11 @@ class FlowMatchSchedule:
             raise ValueError("scheduler_config.json: only time_shift_type 'exponential' is implemented")
         fields = cls.__dataclass_fields__
         return cls(**{k: v for k, v in config.items() if k in fields and v is not None})
+
+    def with_shift(self, shift: float | None) -> "FlowMatchSchedule":
+        """This schedule with a fixed shift in place of its own (None: unchanged); a fixed shift
+        replaces the image-size-dependent one too."""
+        return self if shift is None else replace(self, shift=shift, use_dynamic_shifting=False)
 
     def _shifted(self, sigmas: np.ndarray, mu: float | None) -> np.ndarray:
         if self.use_dynamic_shifting:
@@ -77,10 +82,10 @@ class FlowMatchSchedule:
         return torch.cat([grid, torch.zeros(1)])
 
 
-def cfg_negatives(prompts: list[str], negative_prompts: list[str] | None, guidance: float) -> list[str] | None:
+def cfg_negatives(prompts: list[str], negative_prompts: list[str] | None, guided: bool) -> list[str] | None:
     """The negative prompts a guided batch [prompts, negatives] needs: the given ones, "" for each
-    prompt when none are given, and none at all without guidance (scale <= 1 runs one branch)."""
-    if guidance <= 1:
+    prompt when none are given, and none at all without guidance (one branch runs)."""
+    if not guided:
         return None
     return negative_prompts if negative_prompts is not None else [""] * len(prompts)
 
@@ -98,19 +103,67 @@ def timesteps_of(sigmas: torch.Tensor, num_train_timesteps: int = 1000) -> torch
     return sigmas[:-1] * num_train_timesteps
 
 
-def sample_flow(noise: torch.Tensor, sigmas: torch.Tensor, velocity: Callable[..., torch.Tensor], *,
+@dataclass(frozen=True)
+class BatchRows:
+    """How a pipeline lays out the model batch: the prompt each row serves, and each prompt's
+    conditional row. This project stacks [cond, uncond]; diffusers stacks [uncond, cond]: a port
+    says which, and the method never guesses."""
+    prompt_of_row: tuple[int, ...]
+    cond_row: tuple[int, ...]
+
+    @classmethod
+    def cond_then_uncond(cls, prompts: int, guided: bool) -> "BatchRows":
+        order = tuple(range(prompts))
+        return cls(order * 2 if guided else order, order)
+
+    @property
+    def guided(self) -> bool:
+        """Under CFG each prompt has a conditional and an unconditional row."""
+        return len(self.prompt_of_row) > len(self.cond_row)
+
+    def __post_init__(self) -> None:
+        prompts = len(self.cond_row)
+        if sorted(set(self.prompt_of_row)) != list(range(prompts)) or any(
+                self.prompt_of_row[row] != b for b, row in enumerate(self.cond_row)):
+            raise ValueError(f"batch rows {self.prompt_of_row} do not serve prompts 0..{prompts - 1} with "
+                             f"conditional rows {self.cond_row}")
+
+
+def classifier_free_guidance(prediction: torch.Tensor, scale: float | torch.Tensor,
+                             guided_channels: int | None = None) -> torch.Tensor:
+    """uncond + s (cond - uncond) of a model batch [cond rows; uncond rows].
+
+    scale: a number, or a tensor [B, 1, H, W] that guides each latent position with its own
+    scale (AccelAes' spatial CFG, paper Eq. 11). guided_channels: guide only the first channels
+    and keep the conditional prediction in the rest (Lumina-Next guides channels 0-2 of 4, its
+    own sampler's convention, kept by diffusers "for exact reproducibility"); None: all."""
+    cond, uncond = prediction.chunk(2)
+    if torch.is_tensor(scale):
+        scale = scale.to(cond.device, cond.dtype)
+    channels = cond.shape[1] if guided_channels is None else guided_channels
+    guided = uncond[:, :channels] + scale * (cond[:, :channels] - uncond[:, :channels])
+    return torch.cat([guided, cond[:, channels:]], dim=1) if channels < cond.shape[1] else guided
+
+
+def sample_flow(noise: torch.Tensor, sigmas: torch.Tensor, predict: Callable[..., torch.Tensor],
+                guide: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor], *,
                 num_train_timesteps: int = 1000, solver: str = "euler", accelerator=None,
                 progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """Integrate d x / d sigma = velocity from sigmas[0] (noise) to sigmas[-1] = 0.
 
-    velocity(latents, timestep, **options) runs one (guided) model evaluation at timestep =
-    sigma * num_train_timesteps in float32, the value diffusers' schedulers hand to models.
-    Each Euler step is done as diffusers' FlowMatchEulerDiscreteScheduler does it: in float32,
-    the result cast back to the velocity's dtype. "midpoint" spends a second evaluation halfway
-    through each step (the official Lumina-T2X demo's solver).
+    predict(latents, timestep, **options) runs one model evaluation at timestep = sigma *
+    num_train_timesteps in float32 (the value diffusers' schedulers hand to models) and returns
+    the unguided predictions d x / d sigma of the whole model batch (under CFG: conditional
+    rows, then unconditional ones). guide(prediction, scale) turns them into the velocity of the
+    latents: classifier-free guidance at `scale`, or at the pipeline's own scale when scale is
+    None (and the prediction itself without CFG). Each Euler step is done as diffusers'
+    FlowMatchEulerDiscreteScheduler does it: in float32, the result cast back to the velocity's
+    dtype. "midpoint" spends a second evaluation halfway through each step (the official
+    Lumina-T2X demo's solver).
 
-    accelerator (AccelAes), if given, decides how each step's velocity is had:
-    accelerator.velocity(step, sigmas, evaluate), with evaluate(**options) the model evaluation.
+    accelerator (AccelAes), if given, decides how each step's prediction is had and which
+    guidance is in force: accelerator.prediction(step, sigmas, evaluate), with evaluate(**options)
+    the model evaluation, and accelerator.guidance(step).
     """
     if solver not in ("euler", "midpoint"):
         raise ValueError(f"unknown solver {solver!r}: use 'euler' or 'midpoint'")
@@ -118,12 +171,15 @@ def sample_flow(noise: torch.Tensor, sigmas: torch.Tensor, velocity: Callable[..
     latents = noise
     steps = len(sigmas) - 1
     for i in range(steps):
-        evaluate = partial(velocity, latents, timesteps[i])
-        step_velocity = accelerator.velocity(i, sigmas, evaluate) if accelerator else evaluate()
+        evaluate = partial(predict, latents, timesteps[i])
+        if accelerator is None:
+            step_velocity = guide(evaluate(), None)
+        else:
+            step_velocity = guide(accelerator.prediction(i, sigmas, evaluate), accelerator.guidance(i))
         if solver == "midpoint":
             sigma_mid = (sigmas[i] + sigmas[i + 1]) / 2
             midpoint = (latents.float() + (sigma_mid - sigmas[i]) * step_velocity).to(latents.dtype)
-            step_velocity = velocity(midpoint, sigma_mid * num_train_timesteps)
+            step_velocity = guide(predict(midpoint, sigma_mid * num_train_timesteps), None)
         latents = (latents.float() + (sigmas[i + 1] - sigmas[i]) * step_velocity).to(step_velocity.dtype)
         if progress is not None:
             progress(i + 1, steps)

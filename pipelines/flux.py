@@ -16,20 +16,21 @@ By default this reproduces diffusers' FluxPipeline, so the same seed gives the s
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from functools import partial
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointError
-from .clip import CLIPTextModel, CLIPTokenizer, load_clip
-from .flux import Flux, image_ids, load_flux, pack, unpack
-from .sampling import FlowMatchSchedule, check_size, sample_flow
-from .t5 import T5Encoder, T5Tokenizer, load_t5
-from .vae import AutoencoderKL, load_vae
+from models.checkpoint import CheckpointError
+from models.clip import CLIPParams, CLIPTextModel, CLIPTokenizer, load_clip
+from models.flux import Flux, FluxParams, image_ids, load_flux, pack, unpack
+from models.t5 import T5Encoder, T5Params, T5Tokenizer, load_t5
+from models.vae import AutoencoderKL, load_vae, tiny_random_vae
+
+from .base import Pipeline
+from .random_parts import ByteCLIPTokenizer, ByteT5Tokenizer, randomized
+from .sampling import FlowMatchSchedule
 
 FLUX_VAE_SCALE, FLUX_VAE_SHIFT = 0.3611, 0.1159
 # The release's schedulers: dev shifts with the image size, schnell not at all.
@@ -54,8 +55,11 @@ class FluxConditioning:
     pooled: torch.Tensor    # [B, 768]
 
 
-class FluxPipeline:
-    """The released components of FLUX.1 and the loop that turns noise into an image."""
+class FluxPipeline(Pipeline):
+    """The released components of FLUX.1 [dev] or [schnell]."""
+    title = "FLUX"
+    Settings = FluxSettings
+    classifier_free = False    # guidance-distilled: `guidance` is an input of the model
 
     def __init__(self, transformer: Flux, clip_l: CLIPTextModel | None, t5: T5Encoder | None,
                  clip_l_tokenizer: CLIPTokenizer | None, t5_tokenizer: T5Tokenizer | None, vae: AutoencoderKL,
@@ -109,81 +113,71 @@ class FluxPipeline:
                    load_vae(vae_path, dtype=torch.float32, device=device), schedule,
                    vae_config.get("scaling_factor", FLUX_VAE_SCALE), vae_config.get("shift_factor", FLUX_VAE_SHIFT))
 
-    # ---- the steps of a generation ---------------------------------------------------------
+    @classmethod
+    def random(cls, seed: int = 0, layers: int | None = None) -> "FluxPipeline":
+        """[dev] with byte tokenizers and small T5 and CLIP-L encoders, and a tiny transformer
+        (layers None) or FLUX.1's widths with `layers` double and `layers` single blocks; the
+        encoders' widths are what the transformer reads (T5: 4096, CLIP-L pooled: 768)."""
+        generator = torch.Generator().manual_seed(seed)
+        t5_width, clip_width = (64, 32) if layers is None else (4096, 768)
+        clip_l = randomized(CLIPTextModel(CLIPParams(
+            vocab_size=ByteCLIPTokenizer.vocab_size, width=clip_width, layers=2, heads=2, mlp_width=64,
+            max_positions=77, activation="quick_gelu", projection_dim=None, eos_token_id=ByteCLIPTokenizer.eot_id)),
+            generator, norms_near_one=True)
+        t5 = randomized(T5Encoder(T5Params(vocab_size=ByteT5Tokenizer.vocab_size, width=t5_width, layers=1, heads=2,
+                                           head_dim=32, mlp_width=64)), generator, norms_near_one=True)
+        params = (FluxParams(hidden=64, heads=2, depth=1, depth_single=1, context_dim=64, vec_dim=32,
+                             axes_dim=(8, 12, 12)) if layers is None else FluxParams(depth=layers, depth_single=layers))
+        transformer = randomized(Flux(params), generator, 0.05 if layers is None else 0.02, norms_near_one=True)
+        return cls(transformer, clip_l, t5, ByteCLIPTokenizer(), ByteT5Tokenizer(), tiny_random_vae(16, seed),
+                   DEV_SCHEDULE)
+
+    # ---- the steps of a generation ------------------------------------------------------------
 
     @property
     def device(self) -> torch.device:
         return self.transformer.img_in.weight.device
 
-    def defaults(self, settings: FluxSettings) -> FluxSettings:
-        """Fill the variant's defaults into the settings left None."""
-        return FluxSettings(steps=settings.steps or (28 if self.is_dev else 4), guidance=settings.guidance,
-                            max_sequence_length=settings.max_sequence_length or (512 if self.is_dev else 256),
-                            shift=settings.shift)
+    def resolve(self, settings: FluxSettings) -> FluxSettings:
+        """The variant's defaults in the settings left None: dev 28 steps and 512 T5 tokens,
+        schnell 4 steps and 256."""
+        return replace(settings, steps=settings.steps or (28 if self.is_dev else 4),
+                       max_sequence_length=settings.max_sequence_length or (512 if self.is_dev else 256))
 
-    def encode_prompts(self, prompts: list[str], max_sequence_length: int) -> FluxConditioning:
-        """T5 and CLIP-L features, on the transformer's device whichever device the encoders use."""
+    def encode(self, prompts: list[str], negative_prompts: list[str] | None, settings: FluxSettings) -> FluxConditioning:
+        """T5 and CLIP-L features, on the transformer's device whichever device the encoders use.
+        FLUX has no negative prompt (no CFG)."""
         text_device = self.t5.shared.weight.device
         with torch.no_grad():
             pooled = self.clip_l(self.clip_l_tokenizer(prompts).to(text_device)).pooled
-            ids, _ = self.t5_tokenizer(prompts, max_length=max_sequence_length)
+            ids, _ = self.t5_tokenizer(prompts, max_length=settings.max_sequence_length)
             states = self.t5(ids.to(text_device))
         return FluxConditioning(states.to(self.device), pooled.to(self.device, states.dtype))
 
-    def initial_noise(self, batch: int, height: int, width: int, seed: int, dtype: torch.dtype) -> torch.Tensor:
+    def initial_noise(self, batch: int, height: int, width: int, seed: int, text: FluxConditioning) -> torch.Tensor:
         """Packed noise [B, N, 64], drawn unpacked exactly as diffusers draws it."""
         generator = torch.Generator("cpu").manual_seed(seed)
         shape = (batch, self.transformer.params.in_channels // 4, 2 * (height // 16), 2 * (width // 16))
-        return pack(torch.randn(shape, generator=generator, dtype=dtype)).to(self.device)
+        return pack(torch.randn(shape, generator=generator, dtype=text.t5.dtype)).to(self.device)
 
-    def velocity(self, latents: torch.Tensor, timestep: torch.Tensor, text: FluxConditioning,
-                 settings: FluxSettings, size: tuple[int, int], *, guidance=None, probe=None,
-                 block_runner=None) -> torch.Tensor:
-        """One evaluation at timestep = sigma * 1000 (no CFG: `guidance` is ignored, FLUX-dev's
-        guidance is an input of the model)."""
+    def predict(self, latents: torch.Tensor, timestep: torch.Tensor, text: FluxConditioning, settings: FluxSettings,
+                size: tuple[int, int], *, probe=None, block_runner=None) -> torch.Tensor:
+        """One evaluation at timestep = sigma * 1000: the velocity of the latents."""
         batch = latents.shape[0]
         t = timestep.expand(batch).to(latents.dtype) / 1000
         distilled = (torch.full((batch,), settings.guidance, device=self.device, dtype=torch.float32)
                      if self.is_dev else None)
-        rows, cols = size[0] // 16, size[1] // 16
+        rows, cols = self.token_grid(*size)
         with torch.no_grad():
             return self.transformer(latents, image_ids(rows, cols, device=self.device, dtype=latents.dtype),
                                     text.t5, torch.zeros(text.t5.shape[1], 3, device=self.device, dtype=latents.dtype),
                                     t.to(self.device), text.pooled, distilled, probe=probe, block_runner=block_runner)
 
-    def sigmas(self, settings: FluxSettings, tokens: int) -> torch.Tensor:
-        schedule = self.schedule
-        if settings.shift is not None:
-            schedule = FlowMatchSchedule(**{**schedule.__dict__, "use_dynamic_shifting": False,
-                                            "shift": settings.shift})
+    def sigmas(self, settings: FluxSettings, size: tuple[int, int]) -> torch.Tensor:
+        schedule = self.schedule.with_shift(settings.shift)
         grid = np.linspace(1.0, 1 / settings.steps, settings.steps)
-        return schedule.sigmas(settings.steps, mu=schedule.mu(tokens), sigmas=grid)
-
-    def prompt_segments(self, prompts: list[str], t5_tokens: int) -> list[tuple[list[list[str | None]], str]]:
-        """What AesMask reads: T5's token text at each text position (FLUX's sequence holds T5 alone)."""
-        segment = []
-        for prompt in prompts:
-            pieces = self.t5_tokenizer.tokens(prompt, t5_tokens)[:-1]    # without </s>
-            segment.append([*pieces, *[None] * (t5_tokens - len(pieces))])
-        return [(segment, "sentencepiece")]
-
-    def prepare(self, prompts: list[str], *, seed: int, height: int, width: int, settings: FluxSettings,
-                accelerator=None) -> tuple[FluxConditioning, torch.Tensor]:
-        check_size(height, width, "FLUX")
-        text = self.encode_prompts(prompts, settings.max_sequence_length)
-        noise = self.initial_noise(len(prompts), height, width, seed, text.t5.dtype)
-        if accelerator is not None:
-            accelerator.start(segments=self.prompt_segments(prompts, settings.max_sequence_length),
-                              grid=(height // 16, width // 16), latent_size=(height // 16, width // 16),
-                              steps=settings.steps, guided=False, text_tokens=text.t5.shape[1])
-        return text, noise
-
-    def denoise(self, noise: torch.Tensor, text: FluxConditioning, settings: FluxSettings, size: tuple[int, int],
-                progress: Callable[[int, int], None] | None = None, accelerator=None) -> torch.Tensor:
-        velocity = partial(self.velocity, text=text, settings=settings, size=size)
-        return sample_flow(noise, self.sigmas(settings, noise.shape[1]), velocity,
-                           num_train_timesteps=self.schedule.num_train_timesteps, accelerator=accelerator,
-                           progress=progress)
+        rows, cols = self.token_grid(*size)
+        return schedule.sigmas(settings.steps, mu=schedule.mu(rows * cols), sigmas=grid)
 
     def decode(self, latents: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Packed latents to images in [0, 1], [B, 3, H, W], float32."""
@@ -192,14 +186,21 @@ class FluxPipeline:
             images = self.vae.decode((latents / self.vae_scale + self.vae_shift).to(torch.float32))
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
-    def generate(self, prompts: list[str], negative_prompts: list[str] | None = None, *, seed: int = 0,
-                 height: int = 1024, width: int = 1024, settings: FluxSettings | None = None,
-                 progress: Callable[[int, int], None] | None = None,
-                 accelerator=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(final packed latents, images in [0, 1]). FLUX has no negative prompt: it is ignored."""
-        settings = self.defaults(settings or FluxSettings())
-        text, noise = self.prepare(prompts, seed=seed, height=height, width=width, settings=settings,
-                                   accelerator=accelerator)
-        latents = self.denoise(noise, text, settings, (height, width), progress, accelerator)
-        return latents, self.decode(latents, (height, width))
+    # ---- what AesMask reads ---------------------------------------------------------------------
 
+    def prompt_segments(self, prompts: list[str], text: FluxConditioning, settings: FluxSettings):
+        """T5's token text at each text position (FLUX's sequence holds T5 alone)."""
+        t5_tokens, segment = settings.max_sequence_length, []
+        for prompt in prompts:
+            pieces = self.t5_tokenizer.tokens(prompt, t5_tokens)[:-1]    # without </s>
+            segment.append([*pieces, *[None] * (t5_tokens - len(pieces))])
+        return [(segment, "sentencepiece")]
+
+    def token_grid(self, height: int, width: int) -> tuple[int, int]:
+        return height // 16, width // 16
+
+    def text_tokens(self, text: FluxConditioning) -> int:
+        return text.t5.shape[1]
+
+    def aesmask_clip(self):
+        return self.clip_l, self.clip_l_tokenizer
