@@ -26,10 +26,11 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from accelaes import TOKEN_WEIGHTINGS, AccelAes, AccelAesConfig, clip_phrase_embedder, load_anchors
+from accelaes import TOKEN_WEIGHTINGS, AccelAes, AccelAesConfig
 from models.checkpoint import CheckpointError
 from models.clip import CLIPTokenizer, load_clip
 from pipelines import REGISTRY
+from pipelines.aesmask_inputs import clip_phrase_embedder
 from pipelines.sampling import check_size
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -167,6 +168,22 @@ def model_settings(args: argparse.Namespace):
             raise UsageError(f"--{flag.replace('_', '-')} applies to --model {' and '.join(takers)} only")
         given[name] = (not value) if flag.startswith("no_") else value
     return replace(Settings(), **given)
+
+
+def load_anchors(path: Path) -> tuple[str, ...]:
+    """Anchor phrases from a text file, one a line (blank lines and # comments skipped)."""
+    if path.is_dir():
+        raise UsageError(f"--anchors {path} is a folder: give a text file with one phrase a line")
+    if not path.is_file():
+        raise UsageError(f"--anchors {path} does not exist: give a text file with one phrase a line")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise UsageError(f"--anchors {path} is not UTF-8 text: save it as UTF-8") from None
+    anchors = tuple(phrase for phrase in (line.split("#", 1)[0].strip() for line in lines) if phrase)
+    if not anchors:
+        raise UsageError(f"--anchors {path} holds no phrase: write one phrase a line")
+    return anchors
 
 
 def accelaes_config(args: argparse.Namespace) -> AccelAesConfig:

@@ -12,9 +12,10 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from accelaes import (ANCHORS, TOKEN_WEIGHTINGS, AccelAes, AccelAesConfig, AestheticScorer, CrossAttentionRecorder, SkipSparse,
-                      build_focus_mask, computed_steps, extrapolate, load_anchors, sparse_flop_ratio,
-                      spatial_guidance, word_ids)
+from accelaes import (ANCHORS, TOKEN_WEIGHTINGS, AccelAes, AccelAesConfig, AestheticScorer, CrossAttentionRecorder,
+                      SkipSparse, build_focus_mask, computed_steps, extrapolate, spatial_guidance)
+from benchmark import sparse_flop_ratio
+from pipelines.aesmask_inputs import key_words, word_ids
 from models.clip import CLIPTokenizer
 from models.gemma import GemmaTokenizer
 from models.layers import apply_rope
@@ -170,7 +171,7 @@ def test_extrapolation_is_exact_for_a_linear_prediction():
     sigmas = torch.tensor([1.0, 0.9, 0.83, 0.7, 0.52, 0.51, 0.3, 0.0])  # uneven spacing
     config = AccelAesConfig(warmup=2, interval=3, sparse=False, spatial_cfg=False)
     accel = AccelAes.create(config)
-    accel.start(segments=[([["a"]], "sentencepiece")], grid=(4, 4), latent_size=(8, 8), steps=7,
+    accel.start(words=[["a"]], grid=(4, 4), latent_size=(8, 8), steps=7,
                 rows=BatchRows.cond_then_uncond(1, guided=False))
     calls = []
     for step in range(7):
@@ -269,16 +270,16 @@ def controlled_embedder(similar: dict[str, str]):
 def test_aesthetic_words_are_selected_and_a_plain_prompt_falls_back():
     scorer = AestheticScorer(controlled_embedder({"gorgeous": "beautiful"}), ANCHORS, threshold=0.6, top_k=8)
     pieces = [None, "a", "▁gorgeous", "▁cat", ",", "▁cinematic", "▁light", None, None]
-    weights, report = scorer.weights([(pieces, "sentencepiece")])
+    weights, report = scorer.weights(key_words(pieces, "sentencepiece"))
     assert weights.tolist() == [0, 0, 1, 0, 0, 1, 0, 0, 0]
     assert report.mode == "aesthetic"
     assert [(w, a) for w, a, _ in report.matched] == [("gorgeous", "beautiful"), ("cinematic", "cinematic")]
 
-    weights, report = scorer.weights([([None, "a", "▁cat", "▁on", "▁a", "▁mat", None], "sentencepiece")])
+    weights, report = scorer.weights(key_words([None, "a", "▁cat", "▁on", "▁a", "▁mat", None], "sentencepiece"))
     assert report.mode == "uniform" and weights.tolist() == [0, 1, 1, 1, 1, 1, 0]
 
     top_one = AestheticScorer(controlled_embedder({}), ANCHORS, threshold=0.6, top_k=1)
-    weights, _ = top_one.weights([(["▁cinematic", "▁portrait"], "sentencepiece")])
+    weights, _ = top_one.weights(key_words(["▁cinematic", "▁portrait"], "sentencepiece"))
     assert weights.sum() == 1
 
 
@@ -341,16 +342,9 @@ def test_bad_settings_are_refused(changes, message):
         AccelAesConfig(**changes).check(steps=30)
 
 
-def test_anchor_file(tmp_path):
-    with pytest.raises(ValueError, match="anchor file .* does not exist"):
-        load_anchors(tmp_path / "missing.txt")
-    (tmp_path / "anchors.txt").write_text("# mine\nglowing\n\nserene  # calm\n")
-    assert load_anchors(tmp_path / "anchors.txt") == ("glowing", "serene")
-
-
 def test_clip_phrase_embedding_is_the_mean_over_the_phrase_tokens(tmp_path):
     """method.md 1a: final-LN states averaged over the phrase's own tokens, L2-normalised."""
-    from accelaes import clip_phrase_embedder
+    from pipelines.aesmask_inputs import clip_phrase_embedder
     from models.clip import CLIPParams, CLIPTextModel
 
     write_vocab_and_merges(tmp_path)
@@ -431,7 +425,7 @@ def test_every_step_is_guided_by_the_guidance_in_force(steps, warmup, interval, 
     config = AccelAesConfig(warmup=warmup, interval=interval, mask_step=mask_step, spatial_cfg=spatial,
                             sparse=False, guidance_fg=7.0, guidance_bg=1.0)
     accel = AccelAes.create(config)
-    accel.start(segments=[([["▁a"] * 6], "sentencepiece")], grid=(4, 4), latent_size=(8, 8), steps=steps,
+    accel.start(words=[["a"] * 6], grid=(4, 4), latent_size=(8, 8), steps=steps,
                 rows=BatchRows.cond_then_uncond(1, guided=True))
     sigmas = torch.linspace(1, 0, steps + 1)
     for step in range(steps):
@@ -447,7 +441,7 @@ def test_extrapolation_under_spatial_cfg_is_exact_for_linear_predictions():
     a, b, c, d = (torch.randn(1, 4, 8, 8, generator=generator) for _ in range(4))
     model = StandIn(lambda s: a + s * b, lambda s: c + s * d)
     accel = AccelAes.create(AccelAesConfig(sparse=False))
-    accel.start(segments=[([["▁a"] * 6], "sentencepiece")], grid=(4, 4), latent_size=(8, 8), steps=30,
+    accel.start(words=[["a"] * 6], grid=(4, 4), latent_size=(8, 8), steps=30,
                 rows=BatchRows.cond_then_uncond(1, guided=True))
     sigmas = torch.linspace(1, 0, 31) ** 1.5    # uneven spacing
     for step in range(30):
@@ -486,16 +480,16 @@ def test_one_decision_per_prompt_across_segments():
     clip = [None, "a</w>", "gor", "geous</w>", "cinem", "atic</w>", "glo", "wing</w>", "shot</w>", ",</w>", None, None]
     t5 = ["▁a", "▁gorgeous", "▁cine", "matic", "▁glow", "ing", "▁shot", ",", None]
     scorer = AestheticScorer(graded_embedder(scores), ANCHORS, threshold=0.6, top_k=2)
-    weights, report = scorer.weights([(clip, "bpe"), (t5, "sentencepiece")])
+    weights, report = scorer.weights(key_words(clip, "bpe") + key_words(t5, "sentencepiece"))
     expected = [0, 0, 0.9, 0.9, 1, 1, 0, 0, 0, 0, 0, 0] + [0, 0.9, 1, 1, 0, 0, 0, 0, 0]
     assert weights.tolist() == pytest.approx(expected, abs=1e-6)
     assert report.mode == "aesthetic" and [w for w, _, _ in report.matched] == ["cinematic", "gorgeous"]
 
     # A word only T5 sees (CLIP's 77 tokens ran out) is still one of the prompt's words.
-    weights, report = scorer.weights([([None, "a</w>", None], "bpe"), (["▁a", "▁glow", "ing", None], "sentencepiece")])
+    weights, report = scorer.weights(key_words([None, "a</w>", None], "bpe") + key_words(["▁a", "▁glow", "ing", None], "sentencepiece"))
     assert weights.tolist() == pytest.approx([0, 0, 0, 0, 0.7, 0.7, 0], abs=1e-6) and report.mode == "aesthetic"
     # No word qualifies in any segment: one uniform fallback over every real token of both.
-    weights, report = scorer.weights([([None, "cat</w>", None], "bpe"), (["▁cat", None], "sentencepiece")])
+    weights, report = scorer.weights(key_words([None, "cat</w>", None], "bpe") + key_words(["▁cat", None], "sentencepiece"))
     assert report.mode == "uniform" and weights.tolist() == [0, 1, 0, 1, 0]
 
 
@@ -505,7 +499,7 @@ def test_token_weighting_ablations():
     weights = {}
     for mode in TOKEN_WEIGHTINGS:
         scorer = AestheticScorer(graded_embedder(scores), ANCHORS, 0.6, 8, weighting=mode)
-        weights[mode], report = scorer.weights([(pieces, "sentencepiece")])
+        weights[mode], report = scorer.weights(key_words(pieces, "sentencepiece"))
         assert report.mode == mode
     assert weights["aesthetic"].tolist() == pytest.approx([0, 0, 0.9, 0, 0, 1, 0, 0], abs=1e-6)
     assert weights["uniform"].tolist() == [0, 1, 1, 1, 1, 1, 1, 0]
@@ -586,16 +580,16 @@ def test_joint_sparse_keeps_only_background_image_rows():
 
 def test_step_cache_that_cannot_skip_says_so():
     accel = AccelAes.create(AccelAesConfig(sparse=False, spatial_cfg=False))
-    accel.start(segments=[([["▁a"]], "sentencepiece")], grid=(2, 2), latent_size=(4, 4), steps=4,
+    accel.start(words=[["a"]], grid=(2, 2), latent_size=(4, 4), steps=4,
                 rows=BatchRows.cond_then_uncond(1, guided=False))
     assert len(accel.notes) == 1 and "no step to extrapolate" in accel.notes[0]
-    accel.start(segments=[([["▁a"]], "sentencepiece")], grid=(2, 2), latent_size=(4, 4), steps=28,
+    accel.start(words=[["a"]], grid=(2, 2), latent_size=(4, 4), steps=28,
                 rows=BatchRows.cond_then_uncond(1, guided=False))
     assert accel.notes == []
 
 
 def test_clip_phrase_embedding_runs_in_fp32(tmp_path):
-    from accelaes import clip_phrase_embedder
+    from pipelines.aesmask_inputs import clip_phrase_embedder
     from models.clip import CLIPParams, CLIPTextModel
 
     write_vocab_and_merges(tmp_path)

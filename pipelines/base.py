@@ -8,7 +8,7 @@ A generation, in `generate`:
     settings  = resolve(settings)                   variant defaults (FLUX dev / schnell)
     text      = encode(prompts, negatives)          model batch [cond rows; uncond rows] under CFG
     noise     = initial_noise(...)                  as diffusers draws it, so seeds match
-    accelerator.start(...)                          AccelAes, if any: segments, token grid, rows
+    accelerator.start(...)                          AccelAes, if any: prompt words, token grid, rows
     latents   = sample_flow(noise, sigmas, predict, guide)      pipelines/sampling.py
     images    = decode(latents)
 """
@@ -25,7 +25,6 @@ import torch
 
 from .sampling import BatchRows, cfg_negatives, check_size, classifier_free_guidance, sample_flow
 
-Segments = list[tuple[list[list[str | None]], str]]   # (pieces[prompt][key], tokenizer style) per text part
 
 
 class Pipeline(ABC):
@@ -91,8 +90,9 @@ class Pipeline(ABC):
     # ---- what AesMask reads -----------------------------------------------------------------
 
     @abstractmethod
-    def prompt_segments(self, prompts: list[str], text, settings) -> Segments:
-        """The token text at every text key the image attends to, in order, per prompt."""
+    def prompt_words(self, prompts: list[str], text, settings) -> list[list[str | None]]:
+        """Per prompt, the word of every text key the image attends to, in order (see
+        pipelines/aesmask_inputs.py's key_words)."""
 
     @abstractmethod
     def token_grid(self, height: int, width: int) -> tuple[int, int]:
@@ -134,7 +134,7 @@ class Pipeline(ABC):
         noise = self.initial_noise(len(prompts), height, width, seed, text)
         if accelerator is not None:
             grid = self.token_grid(height, width)
-            accelerator.start(segments=self.prompt_segments(prompts, text, settings), grid=grid,
+            accelerator.start(words=self.prompt_words(prompts, text, settings), grid=grid,
                               latent_size=tuple(noise.shape[2:]) if noise.dim() == 4 else grid,
                               steps=settings.steps, rows=BatchRows.cond_then_uncond(len(prompts), guided),
                               text_tokens=self.text_tokens(text))

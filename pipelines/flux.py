@@ -28,6 +28,7 @@ from models.flux import Flux, FluxParams, image_ids, load_flux, pack, unpack
 from models.t5 import T5Encoder, T5Params, T5Tokenizer, load_t5
 from models.vae import AutoencoderKL, load_vae, tiny_random_vae
 
+from .aesmask_inputs import key_words
 from .base import Pipeline
 from .random_parts import ByteCLIPTokenizer, ByteT5Tokenizer, randomized
 from .sampling import FlowMatchSchedule
@@ -188,13 +189,13 @@ class FluxPipeline(Pipeline):
 
     # ---- what AesMask reads ---------------------------------------------------------------------
 
-    def prompt_segments(self, prompts: list[str], text: FluxConditioning, settings: FluxSettings):
-        """T5's token text at each text position (FLUX's sequence holds T5 alone)."""
-        t5_tokens, segment = settings.max_sequence_length, []
+    def prompt_words(self, prompts: list[str], text: FluxConditioning, settings: FluxSettings):
+        """The word of each T5 position (FLUX's text sequence holds T5 alone)."""
+        t5_tokens, words = settings.max_sequence_length, []
         for prompt in prompts:
             pieces = self.t5_tokenizer.tokens(prompt, t5_tokens)[:-1]    # without </s>
-            segment.append([*pieces, *[None] * (t5_tokens - len(pieces))])
-        return [(segment, "sentencepiece")]
+            words.append(key_words([*pieces, *[None] * (t5_tokens - len(pieces))], "sentencepiece"))
+        return words
 
     def token_grid(self, height: int, width: int) -> tuple[int, int]:
         return height // 16, width // 16

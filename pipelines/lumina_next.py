@@ -31,6 +31,7 @@ from models.gemma import GemmaEncoder, GemmaParams, GemmaTokenizer, load_gemma
 from models.lumina_next import NextDiT, NextDiTParams, load_nextdit, time_aware_rope_factors
 from models.vae import AutoencoderKL, load_vae, tiny_random_vae
 
+from .aesmask_inputs import key_words
 from .base import Pipeline
 from .random_parts import ByteTokenizer, randomized
 from .sampling import FlowMatchSchedule
@@ -186,15 +187,15 @@ class LuminaNextPipeline(Pipeline):
 
     # ---- what AesMask reads ---------------------------------------------------------------------
 
-    def prompt_segments(self, prompts: list[str], text: TextConditioning, settings: LuminaSettings):
-        """Gemma's token text at each caption position of the prompts (not the negative
-        prompts), None for BOS and padding."""
-        pieces = []
+    def prompt_words(self, prompts: list[str], text: TextConditioning, settings: LuminaSettings):
+        """The word of each caption position of the prompts (not the negative prompts); Gemma's
+        BOS and padding are special."""
+        words = []
         for ids, mask in zip(text.input_ids[:len(prompts)].tolist(), text.mask[:len(prompts)].tolist()):
             names = self.tokenizer.id_to_piece(ids)
-            pieces.append([name if keep and token != self.tokenizer.bos_id else None
-                           for name, token, keep in zip(names, ids, mask)])
-        return [(pieces, "sentencepiece")]
+            words.append(key_words([name if keep and token != self.tokenizer.bos_id else None
+                                    for name, token, keep in zip(names, ids, mask)], "sentencepiece"))
+        return words
 
     def token_grid(self, height: int, width: int) -> tuple[int, int]:
         patch = self.transformer.params.patch_size

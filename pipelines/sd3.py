@@ -34,6 +34,7 @@ from models.mmdit import MMDiT, MMDiTParams, load_mmdit
 from models.t5 import T5Encoder, T5Params, T5Tokenizer, load_t5
 from models.vae import AutoencoderKL, load_vae, tiny_random_vae
 
+from .aesmask_inputs import key_words
 from .base import Pipeline
 from .random_parts import ByteCLIPTokenizer, ByteT5Tokenizer, randomized
 from .sampling import FlowMatchSchedule
@@ -208,17 +209,17 @@ class SD3Pipeline(Pipeline):
 
     # ---- what AesMask reads ---------------------------------------------------------------------
 
-    def prompt_segments(self, prompts: list[str], text: SD3Conditioning, settings: SD3Settings):
-        """The token text at each context position of the prompts, CLIP's 77 (the same words for
-        CLIP-L and CLIP-G, side by side) then T5's; None for start, end and padding positions."""
+    def prompt_words(self, prompts: list[str], text: SD3Conditioning, settings: SD3Settings):
+        """The word of each context position of the prompts: CLIP's 77 (the same words for CLIP-L
+        and CLIP-G, side by side) then T5's; start, end and padding positions are special."""
         clip_length, t5_tokens = self.clip_l_tokenizer.max_length, settings.max_sequence_length
-        clip, t5 = [], []
+        words = []
         for prompt in prompts:
-            pieces = self.clip_l_tokenizer.tokens(prompt)[1:-1]          # without start / end of text
-            clip.append([None, *pieces, *[None] * (clip_length - 1 - len(pieces))])
-            pieces = self.t5_tokenizer.tokens(prompt, t5_tokens)[:-1]    # without </s>
-            t5.append([*pieces, *[None] * (t5_tokens - len(pieces))])
-        return [(clip, "bpe"), (t5, "sentencepiece")]
+            clip = self.clip_l_tokenizer.tokens(prompt)[1:-1]          # without start / end of text
+            t5 = self.t5_tokenizer.tokens(prompt, t5_tokens)[:-1]      # without </s>
+            words.append(key_words([None, *clip, *[None] * (clip_length - 1 - len(clip))], "bpe")
+                         + key_words([*t5, *[None] * (t5_tokens - len(t5))], "sentencepiece"))
+        return words
 
     def token_grid(self, height: int, width: int) -> tuple[int, int]:
         patch = self.transformer.params.patch_size * self.vae.downscale

@@ -103,7 +103,7 @@ def test_compare_and_save_mask(tmp_path, capsys):
     (["--skip-ratio", "1.5"], "skip_ratio 1.5 must lie strictly between 0 and 1"),
     (["--mask-step", "29"], "mask_step 29 must be at least 0 and before the last step"),
     (["--warmup", "1"], "warmup 1 must be at least 2"),
-    (["--anchors", "/no/such/anchors.txt"], "anchor file /no/such/anchors.txt does not exist"),
+    (["--anchors", "/no/such/anchors.txt"], "--anchors /no/such/anchors.txt does not exist"),
     (["--solver", "midpoint"], "AccelAes extrapolates Euler steps; add --dense"),
     (["--dense", "--compare"], "--dense runs no AccelAes"),
 ])
@@ -112,3 +112,15 @@ def test_bad_accelaes_settings_are_one_line(tmp_path, capsys, monkeypatch, flags
     assert sample.main(flags) == 2
     error = capsys.readouterr().err
     assert message in error and error.count("\n") == 1 and list(tmp_path.iterdir()) == []
+
+
+def test_anchor_file(tmp_path):
+    with pytest.raises(sample.UsageError, match="--anchors .* does not exist"):
+        sample.load_anchors(tmp_path / "missing.txt")
+    with pytest.raises(sample.UsageError, match="is a folder"):
+        sample.load_anchors(tmp_path)
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(sample.UsageError, match="latin1.txt is not UTF-8 text"):
+        sample.load_anchors(tmp_path / "latin1.txt")
+    (tmp_path / "anchors.txt").write_text("# mine\nglowing\n\nserene  # calm\n")
+    assert sample.load_anchors(tmp_path / "anchors.txt") == ("glowing", "serene")

@@ -143,11 +143,10 @@ def test_words_of_every_segment_are_scored(saved):
     """AesMask reads CLIP's 77 positions then T5's, each with its own tokenizer's word grouping."""
     _, folder = saved
     ours = SD3Pipeline.from_folder(folder, dtype=torch.float32)
-    (clip, clip_style), (t5, t5_style) = ours.prompt_segments([PROMPT], None, SD3Settings())
-    assert (clip_style, t5_style) == ("bpe", "sentencepiece")
-    assert len(clip[0]) == 77 and len(t5[0]) == 256 and clip[0][0] is None
-    assert "photorealistic" in "".join(p for p in clip[0] if p).replace("</w>", " ")
-    assert "lighthouse" in "".join(p for p in t5[0] if p).replace("▁", " ")
+    (words,) = ours.prompt_words([PROMPT], None, SD3Settings())
+    clip, t5 = words[:77], words[77:]
+    assert len(t5) == 256 and clip[0] is None and t5[-1] is None   # start of text, padding
+    assert "photorealistic" in clip and "lighthouse" in t5          # each tokenizer's words, whole
 
 
 def test_missing_parts(saved, tmp_path, capsys):
