@@ -20,7 +20,6 @@ Which checkpoint key becomes which parameter is said by each model's layout (mod
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -31,7 +30,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 # CheckpointError lives in keys.py, the module every other imports; the models take it from here.
-from .keys import CheckpointError, Layout, describe
+from .keys import CheckpointError, Layout, describe, read_json
 
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 
@@ -83,6 +82,9 @@ class _TorchFile:
         for wrapper in ("state_dict", "model", "module"):  # training checkpoints nest the weights
             if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
                 state = state[wrapper]
+        if not isinstance(state, dict) or not any(isinstance(v, torch.Tensor) for v in state.values()):
+            raise CheckpointError(f"{path} holds no state dict (a {type(state).__name__} without tensors): use the "
+                                  "release's weight file")
         self.tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
     def keys(self) -> Iterable[str]:
@@ -116,7 +118,7 @@ class Checkpoint:
             files = self._files_in_folder(self.path)
             config = self.path / "config.json"
             if config.is_file():
-                self.config = json.loads(config.read_text())
+                self.config = read_json(config)
         elif self.path.name.endswith(".index.json"):
             files = self._files_of_index(self.path)
         else:
@@ -127,7 +129,9 @@ class Checkpoint:
 
     @staticmethod
     def _files_of_index(index: Path) -> list[Path]:
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        weight_map = read_json(index).get("weight_map", {})
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index} has no weight_map of tensor names to shard files: download it again")
         names = sorted(set(weight_map.values()))
         missing = [n for n in names if not (index.parent / n).is_file()]
         if missing:

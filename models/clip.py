@@ -10,7 +10,9 @@ The model is a pre-LN transformer with a causal mask and learned positions:
 
 Parameters are named after transformers (`clip_layout` below also reads OpenCLIP files);
 every size is inferred from the checkpoint's tensor shapes, with config.json (when
-the file has one) settling what shapes cannot say.
+the file has one) settling what shapes cannot say. The image tower (models/clip_vision.py)
+is built from the same encoder layers, without the causal mask, and reads OpenCLIP's blocks
+with the same renaming.
 
 The tokenizer is built on the `tokenizers` library and gives the ids transformers'
 CLIPTokenizer gives: 77 ids = start-of-text, up to 75 BPE tokens, end-of-text, padding.
@@ -23,7 +25,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +35,11 @@ from torch import nn
 
 from .attention import attention, merge_heads, split_heads
 from .checkpoint import Checkpoint, CheckpointError, load_model
-from .keys import Chunk, Layout, Shapes, Source, Transposed, ends_with_name, find_prefix, renamed
+from .keys import (Chunk, Key, Layout, Shapes, Source, Transposed,
+                   ends_with_name, find_prefix, read_json, read_text, renamed)
+
+if TYPE_CHECKING:
+    from .clip_vision import CLIPVisionParams
 
 
 # ---------------------------------------------------------------------------------------------
@@ -60,7 +66,7 @@ class CLIPParams:
         Shapes fix every size but the head count and the activation; without a config those
         follow the two released towers: 64-wide heads, and quick_gelu only for OpenAI's width 768.
         """
-        config = _clip_text_config(config)
+        config = tower_config(config, "text_config")
         s = Shapes(shapes, config, "CLIP text tower")
         vocab_size, width = s["embeddings.token_embedding.weight"]
         max_positions = s["embeddings.position_embedding.weight"][0]
@@ -71,10 +77,7 @@ class CLIPParams:
         if width % heads:
             raise CheckpointError(f"CLIP width {width} does not split into {heads} attention heads; "
                                   "fix num_attention_heads in config.json")
-        activation = config.get("hidden_act") or ("quick_gelu" if width == 768 else "gelu")
-        if activation not in _ACTIVATIONS:
-            raise CheckpointError(f"CLIP activation '{activation}' is not supported (only "
-                                  f"{', '.join(_ACTIVATIONS)}); fix hidden_act in config.json")
+        activation = checked_activation(config.get("hidden_act") or ("quick_gelu" if width == 768 else "gelu"))
         # Configs written before transformers PR #24773 say eos_token_id 2; transformers then pools
         # at argmax(ids), which is the first end-of-text token because it is the largest id.
         eos = config.get("eos_token_id")
@@ -84,19 +87,28 @@ class CLIPParams:
                    projection_dim=projection, eos_token_id=eos, eps=config.get("layer_norm_eps") or 1e-5)
 
 
-def _clip_text_config(config: dict | None) -> dict:
-    """The CLIPTextConfig part of a config.json, or {} when it is not a CLIP config."""
+def tower_config(config: dict | None, tower: str) -> dict:
+    """One tower's part of a config.json ("text_config" or "vision_config"), or {} when it is not
+    a CLIP config. A full CLIPModel's config nests both towers'; a single tower's is flat."""
     if not config or not str(config.get("model_type", "")).startswith("clip"):
         return {}
-    return config.get("text_config") or config  # a full CLIPModel nests the text tower's config
+    return config.get(tower) or config
 
 
-def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
-    """OpenAI's sigmoid approximation of GELU; the ViT-L weights were trained with it."""
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """OpenAI's sigmoid approximation of GELU; its ViT-L/14 towers (text and image) were trained with it."""
     return x * torch.sigmoid(1.702 * x)
 
 
-_ACTIVATIONS = {"quick_gelu": _quick_gelu, "gelu": F.gelu}
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu}
+
+
+def checked_activation(activation: str) -> str:
+    """`activation`, if the towers can run it; a config.json naming another is refused."""
+    if activation not in ACTIVATIONS:
+        raise CheckpointError(f"CLIP activation '{activation}' is not supported (only "
+                              f"{', '.join(ACTIVATIONS)}); fix hidden_act in config.json")
+    return activation
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,11 +123,16 @@ _OPENCLIP_MARKER = "transformer.resblocks.0.attn.in_proj_weight"
 # transformers 5 saves a bare CLIPTextModel without the `text_model.` level: our names exactly.
 _BARE_MARKER = "embeddings.token_embedding.weight"
 
-_OPENCLIP_RULES = [
+# OpenCLIP's transformer blocks, named alike in both towers (models/clip_vision.py reads them
+# too); their fused q|k|v in_proj is split by `openclip_sources`.
+OPENCLIP_BLOCK_RULES = [
     (r"^transformer\.resblocks\.", "encoder.layers."),
     (r"\.ln_1\.", ".layer_norm1."), (r"\.ln_2\.", ".layer_norm2."),
     (r"\.attn\.out_proj\.", ".self_attn.out_proj."),
     (r"\.mlp\.c_fc\.", ".mlp.fc1."), (r"\.mlp\.c_proj\.", ".mlp.fc2."),
+]
+_OPENCLIP_RULES = [
+    *OPENCLIP_BLOCK_RULES,
     (r"^ln_final\.", "final_layer_norm."),
     (r"^token_embedding\.", "embeddings.token_embedding."),
     (r"^positional_embedding$", "embeddings.position_embedding.weight"),
@@ -141,19 +158,27 @@ def clip_layout(keys: Iterable[str], prefix: str | None = None) -> Layout:
         return Layout("transformers CLIP", prefix, renamed(keys, prefix, [(r"^text_model\.", "")], ignore), ignore)
 
     # OpenCLIP: fused q|k|v, a bare positional table, and text_projection applied as x @ P.
-    mapping: dict[str, Source] = {}
     ignore = (r"visual\.", r"logit_scale$", r"attn_mask$")
-    for name, source in renamed(keys, prefix, _OPENCLIP_RULES, ignore).items():
+    names = renamed(keys, prefix, _OPENCLIP_RULES, ignore)
+    return Layout("OpenCLIP", prefix, openclip_sources(names, "text_projection", "text_projection.weight"), ignore)
+
+
+def openclip_sources(names: dict[str, Key], projection: str, ours: str) -> dict[str, Source]:
+    """A tower renamed from OpenCLIP (`names`: our name -> key) with what renaming cannot do:
+    each block's fused in_proj (rows q | k | v) read as our three projections, and the
+    `projection` matrix, which OpenCLIP applies as x @ P, read transposed as our Linear `ours`."""
+    mapping: dict[str, Source] = {}
+    for name, source in names.items():
         fused = re.match(r"(encoder\.layers\.\d+)\.attn\.in_proj_(weight|bias)$", name)
         if fused:
             layer, kind = fused.groups()
-            for index, projection in enumerate("qkv"):
-                mapping[f"{layer}.self_attn.{projection}_proj.{kind}"] = Chunk(source.key, 3, index)
-        elif name == "text_projection":
-            mapping["text_projection.weight"] = Transposed(source.key)
+            for index, part in enumerate("qkv"):
+                mapping[f"{layer}.self_attn.{part}_proj.{kind}"] = Chunk(source.key, 3, index)
+        elif name == projection:
+            mapping[ours] = Transposed(source.key)
         else:
             mapping[name] = source
-    return Layout("OpenCLIP", prefix, mapping, ignore)
+    return mapping
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,10 +196,13 @@ class CLIPEmbeddings(nn.Module):
         return self.token_embedding(input_ids) + positions
 
 
+# The encoder layers below serve both towers: `p` is the text tower's CLIPParams or the image
+# tower's CLIPVisionParams, of which they read width, heads, mlp_width, activation, eps, layers.
+
 class CLIPSelfAttention(nn.Module):
-    def __init__(self, p: CLIPParams):
+    def __init__(self, p: CLIPParams | CLIPVisionParams, causal: bool):
         super().__init__()
-        self.heads = p.heads
+        self.heads, self.causal = p.heads, causal
         self.q_proj = nn.Linear(p.width, p.width)
         self.k_proj = nn.Linear(p.width, p.width)
         self.v_proj = nn.Linear(p.width, p.width)
@@ -182,17 +210,15 @@ class CLIPSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = (split_heads(proj(x), self.heads) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        # Causal: each token sees itself and the tokens before it, so the padding after the
-        # end-of-text token never changes the states up to it.
-        return self.out_proj(merge_heads(attention(q, k, v, causal=True)))
+        return self.out_proj(merge_heads(attention(q, k, v, causal=self.causal)))
 
 
 class CLIPMLP(nn.Module):
-    def __init__(self, p: CLIPParams):
+    def __init__(self, p: CLIPParams | CLIPVisionParams):
         super().__init__()
         self.fc1 = nn.Linear(p.width, p.mlp_width)
         self.fc2 = nn.Linear(p.mlp_width, p.width)
-        self.activation = _ACTIVATIONS[p.activation]
+        self.activation = ACTIVATIONS[p.activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.activation(self.fc1(x)))
@@ -201,10 +227,10 @@ class CLIPMLP(nn.Module):
 class CLIPLayer(nn.Module):
     """One pre-LN block."""
 
-    def __init__(self, p: CLIPParams):
+    def __init__(self, p: CLIPParams | CLIPVisionParams, causal: bool):
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(p.width, eps=p.eps)
-        self.self_attn = CLIPSelfAttention(p)
+        self.self_attn = CLIPSelfAttention(p, causal)
         self.layer_norm2 = nn.LayerNorm(p.width, eps=p.eps)
         self.mlp = CLIPMLP(p)
 
@@ -214,9 +240,9 @@ class CLIPLayer(nn.Module):
 
 
 class CLIPEncoder(nn.Module):
-    def __init__(self, p: CLIPParams):
+    def __init__(self, p: CLIPParams | CLIPVisionParams, causal: bool):
         super().__init__()
-        self.layers = nn.ModuleList(CLIPLayer(p) for _ in range(p.layers))
+        self.layers = nn.ModuleList(CLIPLayer(p, causal) for _ in range(p.layers))
 
 
 @dataclass
@@ -232,7 +258,9 @@ class CLIPTextModel(nn.Module):
         super().__init__()
         self.params = p
         self.embeddings = CLIPEmbeddings(p)
-        self.encoder = CLIPEncoder(p)
+        # Causal: each token sees itself and the tokens before it, so the padding after the
+        # end-of-text token never changes the states up to it.
+        self.encoder = CLIPEncoder(p, causal=True)
         self.final_layer_norm = nn.LayerNorm(p.width, eps=p.eps)
         self.text_projection = nn.Linear(p.width, p.projection_dim, bias=False) if p.projection_dim else None
 
@@ -327,7 +355,7 @@ class CLIPTokenizer:
         if (folder / "tokenizer.json").is_file():
             vocab, merges = _read_tokenizer_json(folder / "tokenizer.json")
         elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
-            vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+            vocab = read_json(folder / "vocab.json")
             merges = _read_merges(folder / "merges.txt")
         else:
             lacking = [n for n in ("vocab.json", "merges.txt") if not (folder / n).is_file()]
@@ -345,6 +373,10 @@ class CLIPTokenizer:
         body = self._tokenizer.encode(text, add_special_tokens=False).tokens[: self.max_length - 2]
         return [START_OF_TEXT, *body, END_OF_TEXT]
 
+    def length(self, text: str) -> int:
+        """How many ids `text` takes, start- and end-of-text included, before any cut to max_length."""
+        return len(self._tokenizer.encode(text, add_special_tokens=False).ids) + 2
+
     def __call__(self, texts: str | list[str]) -> torch.Tensor:
         """[B, max_length] long ids: SOT, the first max_length-2 tokens, EOT, then the pad id."""
         texts = [texts] if isinstance(texts, str) else list(texts)
@@ -360,7 +392,7 @@ def load_clip_tokenizer(folder: str | os.PathLike) -> CLIPTokenizer:
 
 
 def _read_tokenizer_json(path: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    model = json.loads(path.read_text(encoding="utf-8")).get("model", {})
+    model = read_json(path).get("model", {})
     if model.get("type") != "BPE" or "vocab" not in model or "merges" not in model:
         raise CheckpointError(f"{path} is not a BPE tokenizer (model type {model.get('type')!r}): "
                               "point at the CLIP tokenizer folder")
@@ -370,7 +402,7 @@ def _read_tokenizer_json(path: Path) -> tuple[dict[str, int], list[tuple[str, st
 
 
 def _read_merges(path: Path) -> list[tuple[str, str]]:
-    lines = path.read_text(encoding="utf-8").split("\n")
+    lines = read_text(path).split("\n")
     if lines and lines[0].startswith("#version"):  # only the header: "#" itself is a CLIP symbol
         lines = lines[1:]
     merges = [tuple(line.split(" ")) for line in lines if line]
@@ -386,7 +418,7 @@ def _pad_token(folder: Path) -> str:
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
         path = folder / name
         if path.is_file():
-            value = json.loads(path.read_text(encoding="utf-8")).get("pad_token")
+            value = read_json(path).get("pad_token")
             if isinstance(value, dict):  # a serialised AddedToken
                 value = value.get("content")
             if isinstance(value, str):

@@ -10,7 +10,8 @@ pre-LN ViT without attention masks, read out at its class token:
     pooled = post_layernorm(x[:, 0]);  image_embeds = visual_projection(pooled)
 
 Parameters are named after transformers' CLIPVisionModelWithProjection, without its
-`vision_model.` level (and `pre_layrnorm` keeps transformers' spelling). OpenCLIP's files
+`vision_model.` level (and `pre_layrnorm` keeps transformers' spelling). Its encoder layers
+are the text tower's (models/clip.py), named alike in every release. OpenCLIP's files
 (`visual.*`, with a fused q|k|v `in_proj_weight` and a projection applied as x @ proj) are
 renamed on loading. OpenCLIP and OpenAI take the class token before ln_post, transformers
 applies post_layernorm to the class token only: the same pooled vector either way.
@@ -23,19 +24,16 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from dataclasses import dataclass, replace
 from typing import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .attention import attention, merge_heads, split_heads
 from .checkpoint import Checkpoint, load_model
-from .clip import CLIPOutput, CLIPParams, CLIPTextModel, clip_layout
-from .keys import (CheckpointError, Chunk, Key, Layout, Shapes, Source, Transposed, ends_with_name, find_prefix,
-                   renamed)
+from .clip import (ACTIVATIONS, OPENCLIP_BLOCK_RULES, CLIPEncoder, CLIPOutput, CLIPParams, CLIPTextModel,
+                   checked_activation, clip_layout, openclip_sources, tower_config)
+from .keys import CheckpointError, Key, Layout, Shapes, Source, ends_with_name, find_prefix, renamed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,7 +71,7 @@ class CLIPVisionParams:
         `default_activation`, else quick_gelu only at OpenAI ViT-L/14's width 1024 (OpenCLIP
         files do not record it: open_clip's pretrained tag sets quick_gelu for `ViT-L-14/openai`).
         """
-        config = _clip_vision_config(config)
+        config = tower_config(config, "vision_config")
         s = Shapes(shapes, config, "CLIP image tower")
         width, _, patch, _ = s["embeddings.patch_embedding.weight"]
         positions = s["embeddings.position_embedding.weight"][0]
@@ -87,29 +85,11 @@ class CLIPVisionParams:
         if width % heads:
             raise CheckpointError(f"CLIP image width {width} does not split into {heads} attention heads; "
                                   "fix num_attention_heads in config.json")
-        activation = (config.get("hidden_act") or default_activation
-                      or ("quick_gelu" if width == 1024 else "gelu"))
-        if activation not in _ACTIVATIONS:
-            raise CheckpointError(f"CLIP activation '{activation}' is not supported (only "
-                                  f"{', '.join(_ACTIVATIONS)}); fix hidden_act in config.json")
+        activation = checked_activation(config.get("hidden_act") or default_activation
+                                        or ("quick_gelu" if width == 1024 else "gelu"))
         return cls(width=width, layers=s.count("encoder.layers"), heads=heads,
                    mlp_width=s["encoder.layers.0.mlp.fc1.weight"][0], patch_size=patch, image_size=grid * patch,
                    activation=activation, projection_dim=projection, eps=config.get("layer_norm_eps") or 1e-5)
-
-
-def _clip_vision_config(config: dict | None) -> dict:
-    """The CLIPVisionConfig part of a config.json, or {} when it is not a CLIP config."""
-    if not config or not str(config.get("model_type", "")).startswith("clip"):
-        return {}
-    return config.get("vision_config") or config  # a full CLIPModel nests the image tower's config
-
-
-def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
-    """OpenAI's sigmoid approximation of GELU; the ViT-L/14 weights were trained with it."""
-    return x * torch.sigmoid(1.702 * x)
-
-
-_ACTIVATIONS = {"quick_gelu": _quick_gelu, "gelu": F.gelu}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,52 +109,6 @@ class CLIPVisionEmbeddings(nn.Module):
         return torch.cat([cls, patches], dim=1) + self.position_embedding.weight
 
 
-class CLIPVisionAttention(nn.Module):
-    def __init__(self, p: CLIPVisionParams):
-        super().__init__()
-        self.heads = p.heads
-        self.q_proj = nn.Linear(p.width, p.width)
-        self.k_proj = nn.Linear(p.width, p.width)
-        self.v_proj = nn.Linear(p.width, p.width)
-        self.out_proj = nn.Linear(p.width, p.width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = (split_heads(proj(x), self.heads) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        return self.out_proj(merge_heads(attention(q, k, v)))  # every patch sees every patch
-
-
-class CLIPVisionMLP(nn.Module):
-    def __init__(self, p: CLIPVisionParams):
-        super().__init__()
-        self.fc1 = nn.Linear(p.width, p.mlp_width)
-        self.fc2 = nn.Linear(p.mlp_width, p.width)
-        self.activation = _ACTIVATIONS[p.activation]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.activation(self.fc1(x)))
-
-
-class CLIPVisionLayer(nn.Module):
-    """One pre-LN block."""
-
-    def __init__(self, p: CLIPVisionParams):
-        super().__init__()
-        self.layer_norm1 = nn.LayerNorm(p.width, eps=p.eps)
-        self.self_attn = CLIPVisionAttention(p)
-        self.layer_norm2 = nn.LayerNorm(p.width, eps=p.eps)
-        self.mlp = CLIPVisionMLP(p)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.layer_norm1(x))
-        return x + self.mlp(self.layer_norm2(x))
-
-
-class CLIPVisionEncoder(nn.Module):
-    def __init__(self, p: CLIPVisionParams):
-        super().__init__()
-        self.layers = nn.ModuleList(CLIPVisionLayer(p) for _ in range(p.layers))
-
-
 @dataclass
 class CLIPVisionOutput:
     last_hidden_state: torch.Tensor  # [B, tokens, width], the last layer's output (no post_layernorm)
@@ -188,7 +122,8 @@ class CLIPVisionModel(nn.Module):
         self.params = p
         self.embeddings = CLIPVisionEmbeddings(p)
         self.pre_layrnorm = nn.LayerNorm(p.width, eps=p.eps)  # (sic: transformers' name)
-        self.encoder = CLIPVisionEncoder(p)
+        # The text tower's layers (models/clip.py), without its causal mask: every patch sees every patch.
+        self.encoder = CLIPEncoder(p, causal=False)
         self.post_layernorm = nn.LayerNorm(p.width, eps=p.eps)
         self.visual_projection = nn.Linear(p.width, p.projection_dim, bias=False) if p.projection_dim else None
 
@@ -247,10 +182,7 @@ _OPENCLIP_VISION_RULES = [
     (r"^class_embedding$", "embeddings.class_embedding"),
     (r"^positional_embedding$", "embeddings.position_embedding.weight"),
     (r"^ln_pre\.", "pre_layrnorm."),
-    (r"^transformer\.resblocks\.", "encoder.layers."),
-    (r"\.ln_1\.", ".layer_norm1."), (r"\.ln_2\.", ".layer_norm2."),
-    (r"\.attn\.out_proj\.", ".self_attn.out_proj."),
-    (r"\.mlp\.c_fc\.", ".mlp.fc1."), (r"\.mlp\.c_proj\.", ".mlp.fc2."),
+    *OPENCLIP_BLOCK_RULES,
     (r"^ln_post\.", "post_layernorm."),
 ]
 
@@ -272,18 +204,8 @@ def _vision_mapping(keys: list[str], outer: str, marker: str) -> tuple[str, dict
         ignore = (r"(vision_model\.)?embeddings\.position_ids$", *_TEXT_KEYS_OF_HF)
         return "transformers CLIP", renamed(keys, outer, [(r"^vision_model\.", "")], ignore), ignore
 
-    mapping: dict[str, Source] = {}
-    for name, source in renamed(keys, outer + "visual.", _OPENCLIP_VISION_RULES).items():
-        fused = re.match(r"(encoder\.layers\.\d+)\.attn\.in_proj_(weight|bias)$", name)
-        if fused:  # rows q | k | v
-            layer, kind = fused.groups()
-            for index, projection in enumerate("qkv"):
-                mapping[f"{layer}.self_attn.{projection}_proj.{kind}"] = Chunk(source.key, 3, index)
-        elif name == "proj":  # [width, dim], applied as x @ proj
-            mapping["visual_projection.weight"] = Transposed(source.key)
-        else:
-            mapping[name] = source
-    return "OpenCLIP", mapping, ()
+    names = renamed(keys, outer + "visual.", _OPENCLIP_VISION_RULES)
+    return "OpenCLIP", openclip_sources(names, "proj", "visual_projection.weight"), ()
 
 
 def clip_vision_layout(keys: Iterable[str], prefix: str | None = None) -> Layout:
@@ -323,8 +245,8 @@ def clip_model_layout(keys: Iterable[str], prefix: str | None = None) -> Layout:
 # ---------------------------------------------------------------------------------------------
 
 def _check_activation(activation: str | None) -> None:
-    if activation is not None and activation not in _ACTIVATIONS:
-        raise ValueError(f"activation must be one of {', '.join(_ACTIVATIONS)}, got {activation!r}")
+    if activation is not None and activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
 
 
 def load_clip_vision(path_or_checkpoint: str | os.PathLike | Checkpoint, prefix: str | None = None,

@@ -1,8 +1,8 @@
 """FLUX.1 [dev] / [schnell]: the rectified-flow transformer of Black Forest Labs.
 
-Written from the architecture notes in ../shared/reference/sd3_flux.md (sections 1 to 3) and
-checked number for number against diffusers' `FluxTransformer2DModel`, called the way its
-`FluxPipeline` calls it (tests/test_flux.py).
+The model of BFL's reference code (github.com/black-forest-labs/flux, src/flux/model.py and
+src/flux/modules/layers.py), checked number for number against diffusers'
+`FluxTransformer2DModel`, called the way its `FluxPipeline` calls it (tests/test_flux.py).
 
 Parameter names are the original BFL ones (`flux1-dev.safetensors`); the diffusers layout is
 renamed onto them by `flux_layout`. Both `flux_layout` and the sizes (`FluxParams`, read from a
@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import AttentionProbe, attention, merge_heads, split_heads
-from .layers import apply_rope, rms_normalize, timestep_sinusoids
+from .layers import IncrementBlock, apply_rope, gather_rows, rms_normalize, timestep_sinusoids
 from .checkpoint import Checkpoint, load_model
 from .flux_params import FluxParams, flux_layout
 
@@ -175,11 +175,6 @@ def _mlp(dim: int, hidden: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
 
 
-def _rows(x: Tensor, index: Tensor) -> Tensor:
-    """x [B, N, D] at token indices [B, K] -> [B, K, D]."""
-    return x.gather(1, index[:, :, None].expand(-1, -1, x.shape[-1]))
-
-
 BlockRunner = Callable[[int, nn.Module, Tensor, "StepInputs"], Tensor]
 
 
@@ -224,7 +219,7 @@ class StreamAttention(nn.Module):
         return self.norm.key_norm(split_heads(k, self.heads)), split_heads(v, self.heads)
 
 
-class DoubleStreamBlock(nn.Module):
+class DoubleStreamBlock(IncrementBlock):
     """Text and image streams with their own weights, one joint attention over [text, image]."""
 
     def __init__(self, p: FluxParams):
@@ -260,7 +255,7 @@ class DoubleStreamBlock(nn.Module):
         v = torch.cat([txt_v, img_v], dim=2)
 
         if focus is not None:
-            img_h = _rows(img_h, focus[:, L:] - L)       # focus' image rows, as rows of img
+            img_h = gather_rows(img_h, focus[:, L:] - L)  # focus' image rows, as rows of img
         q = torch.cat([self.txt_attn.queries(txt_h), self.img_attn.queries(img_h)], dim=2)
         q = apply_rope(q, *step.rope_rows(focus))
         # The probe sees the image queries against the (T5) text keys, softmax over the text alone.
@@ -278,17 +273,8 @@ class DoubleStreamBlock(nn.Module):
         img = img_mod.gate * self.img_mlp(img_mod.modulate(self.img_norm2(u[:, L:])))
         return torch.cat([txt, img], dim=1)
 
-    def increment(self, tokens: Tensor, step: StepInputs, focus: Tensor | None = None) -> Tensor:
-        """What the block adds to the rows of tokens listed in focus (all rows when None)."""
-        rows = tokens if focus is None else _rows(tokens, focus)
-        attended = self.attention_increment(tokens, step, focus)
-        return attended + self.ffn_increment(rows, attended, step)
 
-    def forward(self, tokens: Tensor, step: StepInputs) -> Tensor:
-        return tokens + self.increment(tokens, step)
-
-
-class SingleStreamBlock(nn.Module):
+class SingleStreamBlock(IncrementBlock):
     """One stream over [text, image]: attention and MLP in parallel from the fused linear1
     ([q | k | v | mlp] rows), joined again by linear2, with one gated residual."""
 
@@ -317,7 +303,7 @@ class SingleStreamBlock(nn.Module):
         D = self.hidden
         (mod,) = self.modulation(step.vec)
         h = mod.modulate(self.pre_norm(tokens))
-        h_focus = h if focus is None else _rows(h, focus)
+        h_focus = h if focus is None else gather_rows(h, focus)
 
         k, v = self._part(h, D, 3 * D).chunk(2, dim=-1)
         k, v = split_heads(k, self.heads), split_heads(v, self.heads)
@@ -334,14 +320,6 @@ class SingleStreamBlock(nn.Module):
         (mod,) = self.modulation(step.vec)
         mlp = self.mlp_act(self._part(mod.modulate(self.pre_norm(rows)), 3 * D, 3 * D + self.mlp_hidden))
         return mod.gate * F.linear(mlp, self.linear2.weight[:, D:], self.linear2.bias)
-
-    def increment(self, tokens: Tensor, step: StepInputs, focus: Tensor | None = None) -> Tensor:
-        """What the block adds to the rows of tokens listed in focus (all rows when None)."""
-        rows = tokens if focus is None else _rows(tokens, focus)
-        return self.attention_increment(tokens, step, focus) + self.ffn_increment(rows, None, step)
-
-    def forward(self, tokens: Tensor, step: StepInputs) -> Tensor:
-        return tokens + self.increment(tokens, step)
 
 
 class LastLayer(nn.Module):

@@ -36,7 +36,7 @@ from torch import nn
 
 from .attention import attention, merge_heads, split_heads
 from .checkpoint import Checkpoint, CheckpointError, find_file, load_model
-from .keys import Layout, Shapes, find_prefix, renamed
+from .keys import Layout, Shapes, find_prefix, read_json, renamed
 from .sentencepiece_model import BPE, CONTROL, UNKNOWN, USER_DEFINED, read_sentencepiece_model
 
 
@@ -297,7 +297,7 @@ class GemmaTokenizer:
         self._merge_ranks = None  # priorities come from piece ids, see _rank
 
     def _load_json(self, path: Path) -> None:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = read_json(path)
         model = data.get("model") or {}
         if model.get("type") != "BPE":
             raise CheckpointError(f"{path} is a tokenizer.json of a {model.get('type')} model, not Gemma's BPE")

@@ -11,8 +11,10 @@ error raised when a file does not fit. It imports no other module of the project
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterable, Union
 
 import torch
@@ -20,6 +22,33 @@ import torch
 
 class CheckpointError(ValueError):
     """A problem with a user's weights: its message names the problem and the fix."""
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from a file of a download (config, scheduler, tokenizer, shard index): any
+    problem with it is a CheckpointError naming the file, never a traceback."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise CheckpointError(f"{path} cannot be read ({error.strerror}): check the download") from None
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path} is not UTF-8 text: download it again") from None
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{path} is not valid JSON (line {error.lineno}: {error.msg}): download it "
+                              "again") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} is not a JSON object (it holds a {type(data).__name__}): download it again")
+    return data
+
+
+def read_text(path: Path) -> str:
+    """A UTF-8 text file of a download (merges.txt, ...), with its problems named as read_json's."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise CheckpointError(f"{path} cannot be read ({error.strerror}): check the download") from None
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path} is not UTF-8 text: download it again") from None
 
 
 Read = Callable[[str], torch.Tensor]
@@ -32,7 +61,10 @@ ShapeOf = Callable[[str], tuple[int, ...]]
 
 @dataclass(frozen=True)
 class Key:
-    """A tensor stored as the model uses it."""
+    """A tensor stored as the model uses it.
+
+    The other sources that read one key subclass it and say how they change its shape and values.
+    """
     key: str
 
     @property
@@ -47,15 +79,10 @@ class Key:
 
 
 @dataclass(frozen=True)
-class Chunk:
+class Chunk(Key):
     """Part `index` of `parts` equal pieces of a fused tensor (e.g. OpenCLIP's q|k|v in_proj)."""
-    key: str
     parts: int
     index: int
-
-    @property
-    def keys(self) -> tuple[str, ...]:
-        return (self.key,)
 
     def shape(self, shape_of: ShapeOf) -> tuple[int, ...]:
         rows, *rest = shape_of(self.key)
@@ -66,13 +93,8 @@ class Chunk:
 
 
 @dataclass(frozen=True)
-class Transposed:
+class Transposed(Key):
     """A matrix stored as x @ P (OpenCLIP's text_projection) where the model keeps P^T."""
-    key: str
-
-    @property
-    def keys(self) -> tuple[str, ...]:
-        return (self.key,)
 
     def shape(self, shape_of: ShapeOf) -> tuple[int, ...]:
         return tuple(reversed(shape_of(self.key)))
@@ -82,13 +104,8 @@ class Transposed:
 
 
 @dataclass(frozen=True)
-class AsConv1x1:
+class AsConv1x1(Key):
     """A Linear weight [out, in] used as a 1x1 convolution [out, in, 1, 1] (diffusers' VAE attention)."""
-    key: str
-
-    @property
-    def keys(self) -> tuple[str, ...]:
-        return (self.key,)
 
     def shape(self, shape_of: ShapeOf) -> tuple[int, ...]:
         shape = tuple(shape_of(self.key))
@@ -97,6 +114,16 @@ class AsConv1x1:
     def read(self, read: Read) -> torch.Tensor:
         tensor = read(self.key)
         return tensor[:, :, None, None] if tensor.dim() == 2 else tensor
+
+
+@dataclass(frozen=True)
+class SwappedHalves(Key):
+    """diffusers' AdaLayerNormContinuous splits its modulation as (scale, shift) where the
+    original code splits (shift, scale): the two halves of dim 0 trade places (same shape)."""
+
+    def read(self, read: Read) -> torch.Tensor:
+        first, second = read(self.key).chunk(2, dim=0)
+        return torch.cat([second, first], dim=0)
 
 
 @dataclass(frozen=True)
@@ -117,25 +144,7 @@ class Concat:
         return torch.cat([read(key) for key in self.parts], dim=0)
 
 
-@dataclass(frozen=True)
-class SwappedHalves:
-    """diffusers' AdaLayerNormContinuous splits its modulation as (scale, shift) where the
-    original code splits (shift, scale): the two halves of dim 0 trade places."""
-    key: str
-
-    @property
-    def keys(self) -> tuple[str, ...]:
-        return (self.key,)
-
-    def shape(self, shape_of: ShapeOf) -> tuple[int, ...]:
-        return tuple(shape_of(self.key))
-
-    def read(self, read: Read) -> torch.Tensor:
-        first, second = read(self.key).chunk(2, dim=0)
-        return torch.cat([second, first], dim=0)
-
-
-Source = Union[Key, Chunk, Transposed, AsConv1x1, Concat, SwappedHalves]
+Source = Union[Key, Concat]  # Key or one of its subclasses
 
 
 # ---------------------------------------------------------------------------------------------

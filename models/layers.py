@@ -1,5 +1,7 @@
 """Small pieces the diffusion transformers share: timestep sinusoids and their MLP, the fp32
-RMSNorm, and the rotation of interleaved pairs that Lumina-Next's and FLUX's RoPE apply."""
+RMSNorm, the rotation of interleaved pairs that Lumina-Next's and FLUX's RoPE apply, the
+patch grid that Lumina-Next and SD3 cut their latents into, and `IncrementBlock`, the form
+of every block that AccelAes runs on a subset of the tokens."""
 
 from __future__ import annotations
 
@@ -48,6 +50,51 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_normalize(x, self.eps) * self.weight
+
+
+def patch_grid(height: int, width: int, patch_size: int) -> tuple[int, int]:
+    """The (rows, cols) of tokens a height x width latent is cut into; sizes the patches do not tile are refused."""
+    if height % patch_size or width % patch_size:
+        raise ValueError(f"latent size {height}x{width} is not a multiple of the patch size {patch_size}")
+    return height // patch_size, width // patch_size
+
+
+def unpatchify(tokens: torch.Tensor, height: int, width: int, patch_size: int, channels: int) -> torch.Tensor:
+    """A DiT final layer's tokens [B, N, p*p*C], row-major, each ordered (ph, pw, c) -> [B, C, H, W]."""
+    p = patch_size
+    x = tokens.view(tokens.shape[0], height // p, width // p, p, p, channels).permute(0, 5, 1, 3, 2, 4)
+    return x.reshape(tokens.shape[0], channels, height, width)
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x [B, N, D] at token indices [B, K] -> [B, K, D]."""
+    return x.gather(1, index[:, :, None].expand(-1, -1, x.shape[-1]))
+
+
+class IncrementBlock(nn.Module):
+    """A transformer block written as what it adds to its tokens, so that AccelAes can update
+    some of the rows only (docs/method.md). Each model's blocks define the two parts; the
+    block's update is their sum, and its forward the residual of that."""
+
+    def attention_increment(self, tokens: torch.Tensor, step, focus: torch.Tensor | None = None) -> torch.Tensor:
+        """What the attention adds to the rows of tokens [B, N, D] listed in focus [B, F] ([B, F, D];
+        every row when focus is None): queries of those rows, keys and values of every token (paper Eq. 9).
+        `step` is the model's StepInputs, what every block of one forward shares."""
+        raise NotImplementedError
+
+    def ffn_increment(self, rows: torch.Tensor, attended: torch.Tensor, step) -> torch.Tensor:
+        """What the FFN adds to token rows given their attention increments (the same rows):
+        token-wise, so any subset of rows (paper Eq. 10)."""
+        raise NotImplementedError
+
+    def increment(self, tokens: torch.Tensor, step, focus: torch.Tensor | None = None) -> torch.Tensor:
+        """What the block adds to the rows of tokens listed in focus (all rows when None)."""
+        rows = tokens if focus is None else gather_rows(tokens, focus)
+        attended = self.attention_increment(tokens, step, focus)
+        return attended + self.ffn_increment(rows, attended, step)
+
+    def forward(self, tokens: torch.Tensor, step) -> torch.Tensor:
+        return tokens + self.increment(tokens, step)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

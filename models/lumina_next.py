@@ -1,8 +1,8 @@
 """Lumina-Next-T2I's NextDiT: a flow-matching diffusion transformer over SDXL-VAE latents.
 
-Written from the architecture notes in ../shared/reference/lumina_encoders_vae.md (sections 1
-and 2) and checked number for number against diffusers' `LuminaNextDiT2DModel` called the way
-its `LuminaPipeline` calls it (tests/test_lumina_next.py).
+The model of the original Lumina-T2X code (github.com/Alpha-VLLM/Lumina-T2X,
+lumina_next_t2i/models/model.py), checked number for number against diffusers'
+`LuminaNextDiT2DModel` called the way its `LuminaPipeline` calls it (tests/test_lumina_next.py).
 
 Parameter names are the original Lumina-T2X ones (`consolidated*.safetensors`); the diffusers
 layout is renamed onto them by `nextdit_layout`.
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import AttentionProbe, attention, merge_heads, split_heads
-from .layers import RMSNorm, TimestepEmbedder, apply_rope
+from .layers import IncrementBlock, RMSNorm, TimestepEmbedder, apply_rope, gather_rows, patch_grid, unpatchify
 from .checkpoint import Checkpoint, CheckpointError, load_model
 from .keys import Layout, Shapes, find_prefix, renamed
 
@@ -302,7 +302,7 @@ class StepInputs:
     probe: AttentionProbe | None = None      # shown this layer's image-to-caption attention, if recorded
 
 
-class NextDiTBlock(nn.Module):
+class NextDiTBlock(IncrementBlock):
     def __init__(self, p: NextDiTParams):
         super().__init__()
         self.attention = Attention(p)
@@ -338,7 +338,7 @@ class NextDiTBlock(nn.Module):
         h = self.attention_input(x, m.scale_msa)
         h_q, rope_q = h, step.rope
         if focus is not None:
-            h_q = h.gather(1, focus[:, :, None].expand(-1, -1, h.shape[-1]))
+            h_q = gather_rows(h, focus)
             rope_q = tuple(table[focus][:, None] for table in step.rope)  # [B, 1, F, head_dim/2]
         o = self.attention(h_q, h, step.text_kv, step.text_mask, rope_q, step.rope, step.self_scale, step.probe)
         return torch.tanh(m.gate_msa) * self.attention_norm2(o)
@@ -350,18 +350,6 @@ class NextDiTBlock(nn.Module):
         m = self.modulation(step)
         u = rows + attended
         return torch.tanh(m.gate_mlp) * self.ffn_norm2(self.feed_forward(self.ffn_norm1(u) * (1 + m.scale_mlp)))
-
-    def increment(self, x: torch.Tensor, step: StepInputs, focus: torch.Tensor | None = None) -> torch.Tensor:
-        """What the block adds to the tokens of x [B, N, dim]: attention, then the FFN on the
-        attended tokens. With focus [B, F], only those tokens' update is computed ([B, F, dim]):
-        their queries still see every token's keys/values (paper Eq. 9), and the FFN runs on
-        them alone (Eq. 10)."""
-        rows = x if focus is None else x.gather(1, focus[:, :, None].expand(-1, -1, x.shape[-1]))
-        attended = self.attention_increment(x, step, focus)
-        return attended + self.ffn_increment(rows, attended, step)
-
-    def forward(self, x: torch.Tensor, step: StepInputs) -> torch.Tensor:
-        return x + self.increment(x, step)
 
 
 class FinalLayer(nn.Module):
@@ -400,12 +388,6 @@ class NextDiT(nn.Module):
         p = self.params.patch_size
         x = x.view(b, c, height // p, p, width // p, p).permute(0, 2, 4, 1, 3, 5)
         return x.reshape(b, (height // p) * (width // p), c * p * p)
-
-    def unpatchify(self, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """[B, N, p*p*C] with each token ordered (ph, pw, c) -- not the input order -> [B, C, H, W]."""
-        p, c = self.params.patch_size, self.params.out_channels
-        x = tokens.view(tokens.shape[0], height // p, width // p, p, p, c).permute(0, 5, 1, 3, 2, 4)
-        return x.reshape(tokens.shape[0], c, height, width)
 
     def conditioning(self, t: torch.Tensor, cap_feats: torch.Tensor, cap_mask: torch.Tensor) -> torch.Tensor:
         """c = t_embedder(t) + cap_embedder(masked mean of the caption features)."""
@@ -449,11 +431,10 @@ class NextDiT(nn.Module):
         """
         p = self.params
         batch, _, height, width = x.shape
-        if height % p.patch_size or width % p.patch_size:
-            raise ValueError(f"latent size {height}x{width} is not a multiple of the patch size {p.patch_size}")
+        grid = patch_grid(height, width, p.patch_size)
         dtype = self.x_embedder.weight.dtype
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(batch)
-        step = self.step_inputs(t, cap_feats.to(dtype), cap_mask, (height // p.patch_size, width // p.patch_size),
+        step = self.step_inputs(t, cap_feats.to(dtype), cap_mask, grid,
                                 rope_linear_factor=rope_linear_factor, rope_ntk_factor=rope_ntk_factor,
                                 proportional_attn=proportional_attn)
         caption_kv = self.caption_keys_values(cap_feats) if caption_kv is None else caption_kv
@@ -462,7 +443,8 @@ class NextDiT(nn.Module):
             layer_step = replace(step, text_kv=caption_kv[index],
                                  probe=None if probe is None else probe.for_layer(index))
             tokens = block_runner(index, layer, tokens, layer_step) if block_runner else layer(tokens, layer_step)
-        return self.unpatchify(self.final_layer(tokens, step.c), height, width)
+        # The output patches are ordered (ph, pw, c), not as patchify ordered the input's.
+        return unpatchify(self.final_layer(tokens, step.c), height, width, p.patch_size, p.out_channels)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """Stable Diffusion 3 / 3.5's MMDiT: a joint-attention diffusion transformer over 16-channel latents.
 
-Written from the notes in ../shared/reference/sd3_flux.md (sections 1-3) and checked number for
-number against diffusers' `SD3Transformer2DModel` (tests/test_mmdit.py), called the way
-diffusers' SD3 pipeline calls it: with timestep = sigma * 1000.
+The model of Stability AI's reference code (github.com/Stability-AI/sd3.5, mmditx.py), checked
+number for number against diffusers' `SD3Transformer2DModel` (tests/test_mmdit.py), called the
+way diffusers' SD3 pipeline calls it: with timestep = sigma * 1000.
 
 Parameter names are the original SD3 ones (`model.diffusion_model.*` in sd3_medium.safetensors
 and the SD3.5 single files); the diffusers layout is renamed onto them by `mmdit_layout`.
@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import AttentionProbe, attention, merge_heads, split_heads
-from .layers import RMSNorm, TimestepEmbedder
+from .layers import IncrementBlock, RMSNorm, TimestepEmbedder, gather_rows, patch_grid, unpatchify
 from .checkpoint import Checkpoint, CheckpointError, load_model
 from .keys import Layout, Shapes, SwappedHalves, find_prefix, fused, renamed
 
@@ -274,11 +274,6 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale) + shift
 
 
-def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x [B, N, D] at token indices [B, K] -> [B, K, D]."""
-    return x.gather(1, index[:, :, None].expand(-1, -1, x.shape[-1]))
-
-
 class Modulation(NamedTuple):
     """adaLN outputs of one stream, each [B, 1, width]: 2, 6 or 9 of them, in the checkpoint's order."""
     shift_msa: torch.Tensor
@@ -330,7 +325,7 @@ class StepInputs:
 BlockRunner = Callable[[int, nn.Module, torch.Tensor, StepInputs], torch.Tensor]
 
 
-class JointBlock(nn.Module):
+class JointBlock(IncrementBlock):
     def __init__(self, p: MMDiTParams, index: int):
         super().__init__()
         self.context_block = StreamBlock(p, pre_only=index == p.depth - 1)
@@ -356,7 +351,7 @@ class JointBlock(nn.Module):
         image_normed = xb.norm1(image)
         image_h = modulate(image_normed, mx.shift_msa, mx.scale_msa)
         image_rows = None if focus is None else focus[:, L:] - L
-        pick = (lambda x: x) if image_rows is None else (lambda x: _rows(x, image_rows))
+        pick = (lambda x: x) if image_rows is None else (lambda x: gather_rows(x, image_rows))
 
         # Joint attention: keys/values of every token, text first (no RoPE, so order is free).
         text_k, text_v = ctx.attn.keys_values(text_h)
@@ -387,15 +382,6 @@ class JointBlock(nn.Module):
         text = (torch.zeros_like(rows[:, :L]) if ctx.pre_only
                 else ctx.mlp_increment(rows[:, :L] + attended[:, :L], ctx.modulation(step.c)))
         return torch.cat([text, image], dim=1)
-
-    def increment(self, tokens: torch.Tensor, step: StepInputs, focus: torch.Tensor | None = None) -> torch.Tensor:
-        """What the block adds to the rows of tokens listed in focus (all rows when None)."""
-        rows = tokens if focus is None else _rows(tokens, focus)
-        attended = self.attention_increment(tokens, step, focus)
-        return attended + self.ffn_increment(rows, attended, step)
-
-    def forward(self, tokens: torch.Tensor, step: StepInputs) -> torch.Tensor:
-        return tokens + self.increment(tokens, step)
 
 
 class FinalLayer(nn.Module):
@@ -443,12 +429,6 @@ class MMDiT(nn.Module):
         table = self.pos_embed.view(1, side, side, -1)[:, top:top + rows, left:left + cols]
         return table.reshape(1, rows * cols, -1)
 
-    def unpatchify(self, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """[B, N, p*p*C] with each token ordered (ph, pw, c) -> [B, C, H, W]."""
-        p, c = self.params.patch_size, self.params.out_channels
-        x = tokens.view(tokens.shape[0], height // p, width // p, p, p, c).permute(0, 5, 1, 3, 2, 4)
-        return x.reshape(tokens.shape[0], c, height, width)
-
     def conditioning(self, timestep: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
         """c = t_embedder(timestep) + y_embedder(pooled): what every adaLN reads."""
         return self.t_embedder(timestep) + self.y_embedder(pooled)
@@ -467,18 +447,18 @@ class MMDiT(nn.Module):
         """
         p = self.params
         batch, _, height, width = x.shape
-        if height % p.patch_size or width % p.patch_size:
-            raise ValueError(f"latent size {height}x{width} is not a multiple of the patch size {p.patch_size}")
+        grid = patch_grid(height, width, p.patch_size)
         dtype = self.x_embedder.proj.weight.dtype
         timestep = torch.as_tensor(timestep, device=x.device).reshape(-1).expand(batch)
-        image = self.x_embedder(x.to(dtype)) + self.cropped_pos_embed(height // p.patch_size, width // p.patch_size)
+        image = self.x_embedder(x.to(dtype)) + self.cropped_pos_embed(*grid)
         text = self.context_embedder(context.to(dtype))
         step = StepInputs(self.conditioning(timestep, pooled.to(dtype)), text.shape[1])
         tokens = torch.cat([text, image], dim=1)
         for index, block in enumerate(self.joint_blocks):
             block_step = replace(step, probe=None if probe is None else probe.for_layer(index))
             tokens = block_runner(index, block, tokens, block_step) if block_runner else block(tokens, block_step)
-        return self.unpatchify(self.final_layer(tokens[:, step.text_tokens:], step.c), height, width)
+        return unpatchify(self.final_layer(tokens[:, step.text_tokens:], step.c), height, width, p.patch_size,
+                          p.out_channels)
 
 
 # ---------------------------------------------------------------------------------------------

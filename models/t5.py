@@ -45,7 +45,7 @@ from torch import nn
 
 from .attention import attention, merge_heads, split_heads
 from .checkpoint import Checkpoint, CheckpointError, find_file, load_model
-from .keys import Layout, Shapes, find_prefix, renamed
+from .keys import Layout, Shapes, find_prefix, read_json, renamed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -450,7 +450,7 @@ def _extra_ids(folder: Path) -> int:
     """The number of sentinel tokens: tokenizer_config.json's extra_ids, 100 by default (T5's)."""
     config = folder / "tokenizer_config.json"
     if config.is_file():
-        value = json.loads(config.read_text(encoding="utf-8")).get("extra_ids")
+        value = read_json(config).get("extra_ids")
         if isinstance(value, int) and value >= 0:
             return value
     return 100
@@ -479,7 +479,7 @@ def _read_tokenizer_json(path: Path) -> tuple[list[tuple[str, float]], list[str]
     """The Unigram vocabulary, the added tokens found in it, and the precompiled normalizer table."""
     import base64
 
-    data = json.loads(path.read_text(encoding="utf-8"))
+    data = read_json(path)
     model = data.get("model") or {}
     if model.get("type") != "Unigram" or not isinstance(model.get("vocab"), list):
         raise CheckpointError(f"{path} is a tokenizer.json of a {model.get('type')} model, not T5's Unigram: "

@@ -223,39 +223,33 @@ class MidBlock(nn.Module):
         return self.block_2(self.attn_1(self.block_1(x)))
 
 
-def _resnets(in_channels: int, out_channels: int, count: int, p: VAEParams) -> nn.ModuleList:
-    """A level's resnets: the first changes the width, the others keep it."""
-    return nn.ModuleList(ResnetBlock(in_channels if i == 0 else out_channels, out_channels, p)
-                         for i in range(count))
+def _resnets(in_channels: int, out_channels: int, count: int, p: VAEParams) -> nn.Sequential:
+    """A level's resnets, run in turn: the first changes the width, the others keep it."""
+    return nn.Sequential(*(ResnetBlock(in_channels if i == 0 else out_channels, out_channels, p)
+                           for i in range(count)))
 
 
-class DownLevel(nn.Module):
+# A level runs its parts in the order they are set: nn.Sequential's forward.
+
+class DownLevel(nn.Sequential):
     """One encoder resolution level: resnets, then (all but the lowest level) a 2x downsample."""
 
     def __init__(self, in_channels: int, out_channels: int, p: VAEParams, downsample: bool):
         super().__init__()
         self.block = _resnets(in_channels, out_channels, p.resnets_per_block, p)
-        self.downsample = Downsample(out_channels) if downsample else None
-
-    def forward(self, x: Tensor) -> Tensor:
-        for resnet in self.block:
-            x = resnet(x)
-        return self.downsample(x) if self.downsample is not None else x
+        if downsample:
+            self.downsample = Downsample(out_channels)
 
 
-class UpLevel(nn.Module):
+class UpLevel(nn.Sequential):
     """One decoder resolution level: one resnet more than the encoder's, then (all but the highest
     level) a 2x upsample."""
 
     def __init__(self, in_channels: int, out_channels: int, p: VAEParams, upsample: bool):
         super().__init__()
         self.block = _resnets(in_channels, out_channels, p.resnets_per_block + 1, p)
-        self.upsample = Upsample(out_channels) if upsample else None
-
-    def forward(self, x: Tensor) -> Tensor:
-        for resnet in self.block:
-            x = resnet(x)
-        return self.upsample(x) if self.upsample is not None else x
+        if upsample:
+            self.upsample = Upsample(out_channels)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
-"""Helpers shared by the tests: tolerances, saving state dicts in released layouts, the real CLIP BPE file."""
+"""Helpers shared by the tests: tolerances, saving state dicts in released layouts, an attention
+probe that keeps what it is shown, the real CLIP BPE file."""
 
 from __future__ import annotations
 
-import gzip
 import importlib.util
 import json
 from pathlib import Path
@@ -47,6 +47,20 @@ def randomize_(module: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torc
             else:
                 param.copy_(std * noise)
     return module
+
+
+class ProbeRecorder:
+    """An AttentionProbe (models/attention.py) for every layer: keeps each call's arguments, in
+    order, as (q, k, key_mask, scale, bias), with copies of q and k."""
+
+    def __init__(self):
+        self.calls = []
+
+    def for_layer(self, index: int) -> "ProbeRecorder":
+        return self
+
+    def record(self, q, k, key_mask, scale, bias=None) -> None:
+        self.calls.append((q.clone(), k.clone(), key_mask, scale, bias))
 
 
 def clip_bpe_file() -> Path:

@@ -82,17 +82,24 @@ def assert_matches(model, ref, ids: torch.Tensor) -> dict[str, float]:
 # Writing one tower in each layout it is released in
 # ---------------------------------------------------------------------------------------------
 
-def to_openclip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """transformers' CLIPTextModelWithProjection keys -> OpenCLIP's (SDXL's second text encoder)."""
+def openclip_blocks(state: dict[str, torch.Tensor], tower: str, blocks: str) -> dict[str, torch.Tensor]:
+    """The encoder layers of a transformers tower (`tower`: "text_model." or "vision_model.") in
+    OpenCLIP's names, under `blocks` + "N.": both towers' blocks are named alike."""
     out = {}
-    layers = 1 + max(int(k.split(".")[3]) for k in state if k.startswith("text_model.encoder.layers."))
+    layers = 1 + max(int(k.split(".")[3]) for k in state if k.startswith(tower + "encoder.layers."))
     for n in range(layers):
-        hf, oc = f"text_model.encoder.layers.{n}.", f"transformer.resblocks.{n}."
+        hf, oc = f"{tower}encoder.layers.{n}.", f"{blocks}{n}."
         for kind in ("weight", "bias"):  # q|k|v fused along the output dimension
             out[oc + f"attn.in_proj_{kind}"] = torch.cat([state[hf + f"self_attn.{p}_proj.{kind}"] for p in "qkv"])
             for ours, theirs in [("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"),
                                  ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")]:
                 out[oc + f"{theirs}.{kind}"] = state[hf + f"{ours}.{kind}"]
+    return out
+
+
+def to_openclip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers' CLIPTextModelWithProjection keys -> OpenCLIP's (SDXL's second text encoder)."""
+    out = openclip_blocks(state, "text_model.", "transformer.resblocks.")
     out["token_embedding.weight"] = state["text_model.embeddings.token_embedding.weight"]
     out["positional_embedding"] = state["text_model.embeddings.position_embedding.weight"]
     out["ln_final.weight"] = state["text_model.final_layer_norm.weight"]

@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
+from transformers import CLIPConfig, CLIPVisionConfig
 from transformers import CLIPModel as RefCLIPModel
 from transformers import CLIPVisionModel as RefVisionModel
 from transformers import CLIPVisionModelWithProjection as RefVisionModelWithProjection
@@ -20,7 +20,7 @@ from transformers import CLIPVisionModelWithProjection as RefVisionModelWithProj
 from models.checkpoint import CheckpointError
 from models.clip_vision import CLIPVisionParams, load_clip_model, load_clip_vision
 from tests.common import randomize_, rel_err, save_state
-from tests.test_clip import sample_ids
+from tests.test_clip import openclip_blocks, ref_config, sample_ids
 from tests.test_clip import to_openclip as text_to_openclip
 
 IMAGE, PATCH = 56, 14  # a 4x4 grid of patches: 17 tokens
@@ -62,24 +62,14 @@ def assert_tower_matches(model, ref, pixels: torch.Tensor) -> None:
 
 def to_openclip_visual(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """transformers' CLIPVisionModelWithProjection keys -> OpenCLIP's `visual.*` (as in open_clip's CLIP)."""
-    hf, out = "vision_model.", {}
+    hf = "vision_model."
+    out = openclip_blocks(state, hf, "visual.transformer.resblocks.")
     out["visual.conv1.weight"] = state[hf + "embeddings.patch_embedding.weight"]
     out["visual.class_embedding"] = state[hf + "embeddings.class_embedding"]
     out["visual.positional_embedding"] = state[hf + "embeddings.position_embedding.weight"]
-    layers = 1 + max(int(k.split(".")[3]) for k in state if k.startswith(hf + "encoder.layers."))
     for kind in ("weight", "bias"):
         out[f"visual.ln_pre.{kind}"] = state[hf + f"pre_layrnorm.{kind}"]
         out[f"visual.ln_post.{kind}"] = state[hf + f"post_layernorm.{kind}"]
-        for n in range(layers):
-            ours, theirs = hf + f"encoder.layers.{n}.", f"visual.transformer.resblocks.{n}."
-            # q, k, v stacked along the output dimension, in that order
-            q, k, v = (state[ours + f"self_attn.{p}_proj.{kind}"] for p in "qkv")
-            out[theirs + f"attn.in_proj_{kind}"] = torch.cat([q, k, v])
-            out[theirs + f"attn.out_proj.{kind}"] = state[ours + f"self_attn.out_proj.{kind}"]
-            out[theirs + f"ln_1.{kind}"] = state[ours + f"layer_norm1.{kind}"]
-            out[theirs + f"ln_2.{kind}"] = state[ours + f"layer_norm2.{kind}"]
-            out[theirs + f"mlp.c_fc.{kind}"] = state[ours + f"mlp.fc1.{kind}"]
-            out[theirs + f"mlp.c_proj.{kind}"] = state[ours + f"mlp.fc2.{kind}"]
     out["visual.proj"] = state["visual_projection.weight"].t()  # OpenCLIP applies x @ proj
     return out
 
@@ -174,16 +164,13 @@ def test_wrong_pixels_are_refused(references, tmp_path):
 # The whole CLIP model
 # ---------------------------------------------------------------------------------------------
 
-VOCAB, BOS, EOS = 1000, 998, 999  # as tests/test_clip.py's sample_ids
-TEXT = {"quick_gelu": dict(hidden_size=128, num_attention_heads=2, num_hidden_layers=2, intermediate_size=256),
-        "gelu": dict(hidden_size=128, num_attention_heads=2, num_hidden_layers=2, intermediate_size=256)}
+TEXT = dict(hidden_size=128, num_attention_heads=2, num_hidden_layers=2, intermediate_size=256)  # either activation
 
 
 def clip_config(name: str) -> CLIPConfig:
     tower = dict(TOWERS[name])
     projection = tower.pop("projection_dim")
-    text = CLIPTextConfig(vocab_size=VOCAB, max_position_embeddings=77, bos_token_id=BOS, eos_token_id=EOS,
-                          pad_token_id=0, hidden_act=tower["hidden_act"], **TEXT[name])
+    text = ref_config(hidden_act=tower["hidden_act"], **TEXT)  # the vocabulary of sample_ids
     return CLIPConfig(text_config=text.to_dict(), vision_config=vision_config(**tower).to_dict(),
                       projection_dim=projection)
 

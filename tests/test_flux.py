@@ -27,7 +27,7 @@ from models.checkpoint import Checkpoint, CheckpointError, build_on_meta
 from models.flux import DoubleStreamBlock, Flux, SingleStreamBlock, image_ids, load_flux, pack, text_ids, unpack
 from models.flux_params import FluxParams, flux_layout
 from models.keys import Concat, SwappedHalves, describe
-from tests.common import randomize_, read_through, rel_err, save_state
+from tests.common import ProbeRecorder, randomize_, read_through, rel_err, save_state
 
 TOL = 1e-5
 AXES = (4, 6, 6)
@@ -345,18 +345,7 @@ def test_probe_sees_image_queries_against_text_keys(models):
     the text keys [B, H, L, D], after QK norm and RoPE."""
     model = models["dev", "diffusers"]
     x = inputs(12, 20)
-
-    class Probe:
-        def __init__(self):
-            self.calls = []
-
-        def for_layer(self, index):
-            return self
-
-        def record(self, q, k, key_mask, scale, bias=None):
-            self.calls.append((q, k, key_mask, scale, bias))
-
-    probe = Probe()
+    probe = ProbeRecorder()
     out = our_call(model, x, x["guidance"], probe=probe)
     assert torch.equal(out, our_call(model, x, x["guidance"]))
     assert len(probe.calls) == model.params.depth

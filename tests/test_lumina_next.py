@@ -29,8 +29,8 @@ SMALL = dict(sample_size=SAMPLE_SIZE, patch_size=2, in_channels=4, hidden_size=1
              num_attention_heads=4, num_kv_heads=2, multiple_of=64, norm_eps=1e-5, learn_sigma=True,
              qk_norm=True, cross_attention_dim=64)
 
-# The original Lumina-T2X names of each diffusers key (reference section 1), written out here
-# independently of nextdit_layout so that the test checks the layout rather than repeating it.
+# The original Lumina-T2X names (lumina_next_t2i/models/model.py) of each diffusers key, written out
+# here independently of nextdit_layout so that the test checks the layout rather than repeating it.
 _ORIGINAL_BLOCK = {
     "attn1.to_q.weight": "attention.wq.weight",
     "attn1.to_k.weight": "attention.wk.weight",

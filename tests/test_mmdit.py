@@ -25,7 +25,7 @@ from models.checkpoint import Checkpoint, CheckpointError, build_on_meta
 from models.keys import describe
 from models.layers import timestep_sinusoids
 from models.mmdit import MMDiT, MMDiTParams, load_mmdit, mmdit_layout
-from tests.common import randomize_, rel_err, save_state
+from tests.common import ProbeRecorder, randomize_, rel_err, save_state
 
 TOL = 1e-5
 PREFIX = "model.diffusion_model."
@@ -38,7 +38,7 @@ VARIANTS = {
 }
 TEXT_TOKENS = 7
 
-# The original SD3 names of each diffusers key (reference section 3, read backwards), written out
+# The original SD3 names of each diffusers key (those of Stability AI's mmditx.py), written out
 # here independently of mmdit_layout so that the test checks the layout rather than repeating it.
 _ORIGINAL_BLOCK = {
     "attn.to_out.0": "x_block.attn.proj",
@@ -373,17 +373,6 @@ def test_skip_sparse_runs_the_model(models, variant):
     assert rel_err(sparse, plain) < TOL
 
 
-class Recorder:
-    def __init__(self):
-        self.calls = []
-
-    def for_layer(self, index):
-        return self
-
-    def record(self, q, k, key_mask, scale, bias=None):
-        self.calls.append((q.clone(), k.clone(), key_mask, scale, bias))
-
-
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_probe_sees_image_queries_against_text_keys(references, models, variant):
     """One call per joint block (attn2 is not shown), with the image queries [B, H, N, d] and the
@@ -399,7 +388,7 @@ def test_probe_sees_image_queries_against_text_keys(references, models, variant)
     finally:
         for hook in hooks:
             hook.remove()
-    probe = Recorder()
+    probe = ProbeRecorder()
     with torch.no_grad():
         model(*args, probe=probe)
     assert len(probe.calls) == model.params.depth

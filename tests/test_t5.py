@@ -25,7 +25,7 @@ from models.checkpoint import Checkpoint, CheckpointError
 from models.keys import describe
 from models.sentencepiece_model import read_sentencepiece_model
 from models.t5 import T5Encoder, T5Params, T5Tokenizer, load_t5, relative_position_bucket
-from tests.common import randomize_, rel_err, save_state
+from tests.common import ProbeRecorder, randomize_, rel_err, save_state
 
 VOCAB = 512
 CONFIG = dict(vocab_size=VOCAB, d_model=64, d_kv=16, num_heads=4, d_ff=128, num_layers=3,
@@ -83,14 +83,10 @@ def test_attention_bias():
     half = attention(q.half(), k.half(), v.half(), key_mask=key_mask, bias=bias, scale=0.5)
     assert half.dtype == torch.float16 and torch.isfinite(half).all() and (half[1] != 0).any()
     assert rel_err(half[0].float(), expected[0]) < 1e-2
-
-    class Probe:
-        def record(self, q, k, key_mask, scale, bias=None):
-            self.seen = scale, bias
-
-    probe = Probe()
+    probe = ProbeRecorder()
     attention(q, k, v, key_mask=key_mask, bias=bias, scale=0.5, probe=probe)
-    assert probe.seen[0] == 0.5 and probe.seen[1] is bias  # as given, the key mask not folded in
+    (_, _, shown_mask, scale, shown_bias), = probe.calls
+    assert scale == 0.5 and shown_bias is bias and shown_mask is key_mask  # as given, the mask not folded in
     with pytest.raises(NotImplementedError):
         attention(q, k, v, bias=bias, causal=True)
 
