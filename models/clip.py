@@ -25,7 +25,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+from typing import Iterable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -38,8 +38,6 @@ from .checkpoint import Checkpoint, CheckpointError, load_model
 from .keys import (Chunk, Key, Layout, Shapes, Source, Transposed,
                    ends_with_name, find_prefix, read_json, read_text, renamed)
 
-if TYPE_CHECKING:
-    from .clip_vision import CLIPVisionParams
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,11 +194,19 @@ class CLIPEmbeddings(nn.Module):
         return self.token_embedding(input_ids) + positions
 
 
-# The encoder layers below serve both towers: `p` is the text tower's CLIPParams or the image
-# tower's CLIPVisionParams, of which they read width, heads, mlp_width, activation, eps, layers.
+class TowerShape(Protocol):
+    """What the encoder layers read of a tower's parameters: CLIPParams, or the image tower's
+    CLIPVisionParams (models/clip_vision.py)."""
+    width: int
+    heads: int
+    mlp_width: int
+    activation: str
+    eps: float
+    layers: int
+
 
 class CLIPSelfAttention(nn.Module):
-    def __init__(self, p: CLIPParams | CLIPVisionParams, causal: bool):
+    def __init__(self, p: TowerShape, causal: bool):
         super().__init__()
         self.heads, self.causal = p.heads, causal
         self.q_proj = nn.Linear(p.width, p.width)
@@ -214,7 +220,7 @@ class CLIPSelfAttention(nn.Module):
 
 
 class CLIPMLP(nn.Module):
-    def __init__(self, p: CLIPParams | CLIPVisionParams):
+    def __init__(self, p: TowerShape):
         super().__init__()
         self.fc1 = nn.Linear(p.width, p.mlp_width)
         self.fc2 = nn.Linear(p.mlp_width, p.width)
@@ -227,7 +233,7 @@ class CLIPMLP(nn.Module):
 class CLIPLayer(nn.Module):
     """One pre-LN block."""
 
-    def __init__(self, p: CLIPParams | CLIPVisionParams, causal: bool):
+    def __init__(self, p: TowerShape, causal: bool):
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(p.width, eps=p.eps)
         self.self_attn = CLIPSelfAttention(p, causal)
@@ -240,7 +246,7 @@ class CLIPLayer(nn.Module):
 
 
 class CLIPEncoder(nn.Module):
-    def __init__(self, p: CLIPParams | CLIPVisionParams, causal: bool):
+    def __init__(self, p: TowerShape, causal: bool):
         super().__init__()
         self.layers = nn.ModuleList(CLIPLayer(p, causal) for _ in range(p.layers))
 
