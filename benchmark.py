@@ -6,6 +6,7 @@ warm-up, as the median of repeated runs.
     python benchmark.py --model sd3          # SD3-Medium widths, 1 block, 512x512, 28 steps, CFG
     python benchmark.py --model flux         # FLUX.1-dev widths, 1+1 blocks, 512x512, 28 steps
     python benchmark.py --layers 4 --repeats 5 --ablations --json results.json
+    python benchmark.py --batch 4            # images per second at batch sizes 1, 2, 4, dense and AccelAes
 
 The transformer has the released widths (each pipeline's `random(layers=N)`: Lumina-Next-T2I
 2304 wide, SD3-Medium 1536, FLUX.1 3072) with fewer layers and random weights, so it fits a
@@ -171,9 +172,14 @@ def parse_args(argv):
                         help="AesMask's token weights in every AccelAes row (the random text encoders make this "
                              "change the mask, not the speed; default: %(default)s)")
     parser.add_argument("--json", type=Path, default=None, help="also write the table to this JSON file")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="measure throughput instead: images per second, dense and with AccelAes (the "
+                             "backbone's defaults), at batch sizes 1, 2, 4, ... up to this one")
     args = parser.parse_args(argv)
     if args.layers < 1 or args.repeats < 1 or args.size % 16 or args.size < 64:
         parser.error("--layers and --repeats must be at least 1, --size a multiple of 16 (at least 64)")
+    if args.batch is not None and args.batch < 1:
+        parser.error(f"--batch {args.batch}: give at least 1")
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
     return args
 
@@ -190,6 +196,15 @@ def main(argv=None) -> int:
     tokens = pipeline.token_grid(args.size, args.size)
     print(f"{pipeline.title} {'tiny' if args.tiny else 'widths'}, {args.layers} layer(s), {args.size}x{args.size} ({tokens[0] * tokens[1]} tokens), "
           f"{settings.steps} steps, guidance {settings.guidance}, {args.dtype}, on {device_name}", file=sys.stderr)
+    if args.batch is not None:
+        config = AccelAesConfig(**backbone.accelaes, token_weighting=args.token_weighting)
+        results = throughput(pipeline, config, settings, args.size, args.device, args.batch, args.repeats)
+        print_throughput(results)
+        if args.json:
+            args.json.write_text(json.dumps({"model": args.model, "device": device_name, "layers": args.layers,
+                                             "size": args.size, "steps": settings.steps, "dtype": args.dtype,
+                                             "repeats": args.repeats, "throughput": results}, indent=2))
+        return 0
 
     started = clock(args.device)
     pipeline.prepare([PROMPT], seed=0, height=args.size, width=args.size, settings=settings)
@@ -237,6 +252,62 @@ def main(argv=None) -> int:
                                          "repeats": args.repeats, "sparse_flop_ratio": ratios[True],
                                          "attention_only_flop_ratio": ratios[False], "rows": results}, indent=2))
     return 0
+
+
+# Distinct prompts, so that each sample of a batch builds its own mask.
+BATCH_PROMPTS = (PROMPT, "a lighthouse at dusk, oil painting", "a red fox in snow, soft bokeh",
+                 "a cinematic photo of an owl", "a bowl of fruit on a wooden table", "a city street at night, rain")
+
+
+def batch_sizes(largest: int) -> list[int]:
+    """1, 2, 4, ... below `largest`, then `largest`."""
+    sizes = [1]
+    while sizes[-1] * 2 < largest:
+        sizes.append(sizes[-1] * 2)
+    return sizes + [largest] if largest > 1 else sizes
+
+
+def run_batch(pipeline, prompts: list[str], config: AccelAesConfig | None, settings, size: int,
+              device: str) -> tuple[float, int]:
+    """One timed sampling run of a batch, prompt b with seed b: (seconds, peak bytes)."""
+    accel = AccelAes.create(config) if config is not None else None
+    generation = pipeline.prepare(prompts, seed=list(range(len(prompts))), height=size, width=size,
+                                  settings=settings, accelerator=accel)
+    with PeakMemory(device) as memory:
+        started = clock(device)
+        pipeline.denoise(generation, accel)
+        seconds = clock(device) - started
+    return seconds, memory.bytes
+
+
+def throughput(pipeline, config: AccelAesConfig, settings, size: int, device: str, largest: int,
+               repeats: int) -> list[dict]:
+    """Images per second of sampling (text encoding and decoding apart, as in the main table),
+    dense and with AccelAes, at each batch size: the median of `repeats` timed runs after one
+    untimed run (the first, dropped); each sample of a batch has its own prompt and seed."""
+    rows = {"dense": None, "AccelAes": config}
+    results = []
+    for batch in batch_sizes(largest):
+        prompts = [BATCH_PROMPTS[i % len(BATCH_PROMPTS)] for i in range(batch)]
+        for name, row_config in rows.items():
+            runs = [run_batch(pipeline, prompts, row_config, settings, size, device) for _ in range(repeats + 1)][1:]
+            seconds = statistics.median(r[0] for r in runs)
+            results.append({"batch": batch, "row": name, "seconds": seconds, "images_per_second": batch / seconds,
+                            "peak_memory_mb": max(r[1] for r in runs) / 2 ** 20})
+            print(f"  batch {batch}, {name}: {seconds:.2f} s", file=sys.stderr)
+    for result in results:
+        same_row = [r for r in results if r["row"] == result["row"] and r["batch"] == 1][0]
+        dense = [r for r in results if r["row"] == "dense" and r["batch"] == result["batch"]][0]
+        result["over_batch_1"] = result["images_per_second"] / same_row["images_per_second"]
+        result["over_dense"] = result["images_per_second"] / dense["images_per_second"]
+    return results
+
+
+def print_throughput(results: list[dict]) -> None:
+    print(f"{'batch':>5}  {'row':<10}{'seconds':>9}{'images/s':>10}{'vs dense':>10}{'vs batch 1':>12}{'peak MB':>9}")
+    for r in results:
+        print(f"{r['batch']:>5}  {r['row']:<10}{r['seconds']:>9.2f}{r['images_per_second']:>10.3f}"
+              f"{r['over_dense']:>9.2f}x{r['over_batch_1']:>11.2f}x{r['peak_memory_mb']:>9.0f}")
 
 
 def print_table(results: list[dict]) -> None:

@@ -8,25 +8,25 @@ released files to download and how to point --weights at them.
 
 --compare runs dense and AccelAes with the same seed and prints what each cost and how far
 apart the pictures are; --save-mask writes AccelAes' focus mask beside the picture.
+
+Every mistake that can be seen before a model loads is refused then, in one line naming the
+flag or file and the fix (exit code 2), and nothing is written; files are written whole.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
-from PIL.PngImagePlugin import PngInfo
 
 from accelaes import TOKEN_WEIGHTINGS, AccelAes, AccelAesConfig
+from cli.checks import (UsageError, check_folder, check_number, check_text, check_writable_file)
+from cli.files import mask_picture, to_pil, write_png
+from metrics.fidelity import psnr
 from models.checkpoint import CheckpointError
 from models.clip import CLIPTokenizer, load_clip
 from pipelines import REGISTRY
@@ -62,15 +62,30 @@ ACCELAES_HELP = {
 }
 
 
-class UsageError(ValueError):
-    """A mistake in the command line: the message names it and the fix."""
-
-
 # Flags that set a field of the pipeline's settings; each applies to the backbones whose
 # settings have that field.
 SETTINGS_FLAGS = {"steps": "steps", "guidance": "guidance", "shift": "shift", "solver": "solver",
                   "max_sequence_length": "max_sequence_length", "scaling_watershed": "scaling_watershed",
                   "no_proportional_attn": "proportional_attn"}
+
+# The range of every numeric flag (see cli.checks.check_number).
+NUMBER_RANGES = {
+    "seed": dict(at_least=0, below=2 ** 63), "steps": dict(at_least=1), "guidance": dict(at_least=0),
+    "max_sequence_length": dict(at_least=1), "shift": dict(above=0), "scaling_watershed": dict(at_least=0, at_most=1),
+    "threshold": dict(at_least=-1, at_most=1), "top_k": dict(at_least=1), "mask_step": dict(at_least=0),
+    "record_every": dict(at_least=1), "skip_ratio": dict(above=0, below=1), "smooth_sigma": dict(at_least=0),
+    "sparse_refresh": dict(at_least=0), "guidance_fg": dict(at_least=0), "guidance_bg": dict(at_least=0),
+    "warmup": dict(at_least=2), "interval": dict(at_least=1),
+}
+
+# AccelAes flags that only act when a part of the method runs (the rest would be ignored silently).
+NEEDS = {
+    "a focus mask (--sparse or --spatial-cfg)": ("threshold", "top_k", "token_weighting", "anchors", "clip",
+                                                 "mask_step", "record_every", "skip_ratio", "smooth_sigma"),
+    "SkipSparse (--sparse)": ("sparse_ffn", "sparse_refresh"),
+    "spatial CFG (--spatial-cfg, with CFG on)": ("guidance_fg", "guidance_bg"),
+    "StepCache (--step-cache)": ("warmup", "interval"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", choices=sorted(REGISTRY), default="lumina-next",
                         help="which diffusion transformer to run (default: %(default)s)")
     parser.add_argument("--prompt", default="a photo of a cat", help="what to draw (default: %(default)r)")
-    parser.add_argument("--negative-prompt", default="",
+    parser.add_argument("--negative-prompt", default=None,
                         help="what to steer away from, through classifier-free guidance (default: empty)")
     parser.add_argument("--weights", type=Path, default=None,
                         help="folder of released weights, as downloaded (see weights.md); omit it to run "
@@ -88,6 +103,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", type=Path, default=Path("outputs/sample.png"),
                         help="PNG file to write (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true", help="replace --output if it already exists")
+    add_generation_flags(parser)
+    add_method_flags(parser.add_argument_group(
+        "AccelAes (on by default; the defaults shown are Lumina-Next's: SD3 and FLUX run StepCache alone unless "
+        "--sparse / --spatial-cfg is given)"))
+    return parser
+
+
+def add_generation_flags(parser: argparse.ArgumentParser) -> None:
+    """What shapes a generation: seed, steps, guidance, size, schedule, precision, devices."""
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the initial noise; the same seed gives the same image (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=None,
@@ -123,8 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--text-device", default=None,
                         help="device of the text encoders, e.g. cpu to keep T5's 9.5 GB off the GPU "
                              "(default: as --device)")
-    method = parser.add_argument_group("AccelAes (on by default; the defaults shown are Lumina-Next's: SD3 "
-                                       "and FLUX run StepCache alone unless --sparse / --spatial-cfg is given)")
+
+
+def add_method_flags(method) -> None:
+    """AccelAes' switches, and a flag for every field of AccelAesConfig (--no-X for switches that are on)."""
     method.add_argument("--dense", action="store_true", help="turn AccelAes off: every step runs the whole model")
     method.add_argument("--compare", action="store_true",
                         help="run dense and AccelAes with the same seed, write both pictures (the dense one "
@@ -151,7 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 help=f"{text} (default: {'on' if default else 'off'})")
         else:
             method.add_argument(flag, type=type(default), default=None, help=f"{text} (default: {default})")
-    return parser
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def model_settings(args: argparse.Namespace):
@@ -159,14 +188,14 @@ def model_settings(args: argparse.Namespace):
     field this backbone's settings lack is refused, naming the backbones it applies to."""
     Settings = REGISTRY[args.model].pipeline.Settings
     given = {}
-    for flag, name in SETTINGS_FLAGS.items():
-        value = getattr(args, flag)
+    for name, field in SETTINGS_FLAGS.items():
+        value = getattr(args, name)
         if value is None:
             continue
-        if name not in Settings.__dataclass_fields__:
-            takers = [model for model, backbone in REGISTRY.items() if name in backbone.pipeline.Settings.__dataclass_fields__]
-            raise UsageError(f"--{flag.replace('_', '-')} applies to --model {' and '.join(takers)} only")
-        given[name] = (not value) if flag.startswith("no_") else value
+        if field not in Settings.__dataclass_fields__:
+            takers = [model for model, backbone in REGISTRY.items() if field in backbone.pipeline.Settings.__dataclass_fields__]
+            raise UsageError(f"{flag(name)} applies to --model {' and '.join(takers)} only")
+        given[field] = (not value) if name.startswith("no_") else value
     return replace(Settings(), **given)
 
 
@@ -192,56 +221,76 @@ def accelaes_config(args: argparse.Namespace) -> AccelAesConfig:
     config = replace(config, **{k: v for k, v in given.items() if v is not None})
     if args.anchors is not None:
         config.anchors = load_anchors(args.anchors)
-    steps = model_settings(args).steps
-    if steps is not None:  # FLUX's default depends on the variant: checked once it is loaded
-        config.check(steps)
     return config
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Refuse bad input before any work is done, so nothing is written half."""
-    args.height = args.height or (1024 if args.weights else 256)
-    args.width = args.width or args.height
-    args.dtype = args.dtype or ("bf16" if str(args.device).startswith("cuda") else "fp32")
+    """Refuse bad input before any model is loaded, so nothing is written half and no minutes of
+    loading are lost to a typo."""
     pipeline = REGISTRY[args.model].pipeline
+    for name in ("prompt", "negative_prompt"):
+        check_text(flag(name), getattr(args, name))
+    for name, bounds in NUMBER_RANGES.items():
+        check_number(flag(name), getattr(args, name), **bounds)
+    args.height = args.height if args.height is not None else (1024 if args.weights else 256)
+    args.width = args.width if args.width is not None else args.height
+    args.dtype = args.dtype or ("bf16" if str(args.device).startswith("cuda") else "fp32")
     try:
         check_size(args.height, args.width, pipeline.title)
     except ValueError as error:
         raise UsageError(f"--{error}") from None
-    if args.steps is not None and args.steps < 1:
-        raise UsageError(f"--steps {args.steps}: use at least 1")
-    model_settings(args)
-    if args.output.suffix.lower() != ".png":
-        raise UsageError(f"--output {args.output}: the image is written as PNG; name it *.png")
-    if args.output.exists() and not args.overwrite:
-        raise UsageError(f"{args.output} already exists: pass --overwrite or choose another --output")
+    settings = model_settings(args)
+    guided = pipeline.classifier_free and settings.guidance > 1
+    if args.negative_prompt and not guided:
+        why = f"{pipeline.title} is guidance-distilled" if not pipeline.classifier_free else f"--guidance {settings.guidance} <= 1"
+        raise UsageError(f"--negative-prompt acts through classifier-free guidance, which this run has not ({why}): "
+                         "drop it")
     try:
         torch.empty(0, device=args.device)
     except (RuntimeError, AssertionError) as error:
         raise UsageError(f"--device {args.device} is not usable here ({str(error).splitlines()[0]}); "
                          "try --device cpu") from None
-    if args.weights is not None and not args.weights.is_dir():
-        raise UsageError(f"--weights {args.weights} is not a folder: download the files listed in weights.md "
-                         "into one")
-    if args.clip is not None and not args.clip.is_dir():
-        raise UsageError(f"--clip {args.clip} is not a folder: give a CLIP ViT-L/14 text encoder folder "
-                         "(see weights.md)")
-    if args.dense and (args.compare or args.save_mask):
-        raise UsageError("--dense runs no AccelAes: drop it to --compare or --save-mask")
-    if not args.dense:
+    check_folder("--weights", args.weights, "the folder of released weights listed in weights.md")
+    check_folder("--clip", args.clip, "a CLIP ViT-L/14 text encoder folder (see weights.md)")
+    for path in [args.output, *extra_outputs(args)]:
+        check_writable_file("--output", path, args.overwrite)
+    check_method_flags(args, settings, guided)
+
+
+def check_method_flags(args: argparse.Namespace, settings, guided: bool) -> None:
+    """AccelAes' settings: valid for this run's steps, and none given that would do nothing."""
+    given = [name for name in (*ACCELAES_HELP, "clip") if getattr(args, name) is not None]
+    if args.dense:
+        if given or args.compare or args.save_mask:
+            extra = flag(given[0]) if given else "--compare" if args.compare else "--save-mask"
+            raise UsageError(f"{extra} does nothing with --dense (AccelAes off): drop one of them")
+        return
+    config = accelaes_config(args)
+    title = REGISTRY[args.model].pipeline.title
+    if args.spatial_cfg and not guided:
+        raise UsageError(f"--spatial-cfg needs classifier-free guidance, which this run has not ({title}, guidance "
+                         f"{settings.guidance}): drop it")
+    acting = {"a focus mask (--sparse or --spatial-cfg)": config.sparse or (config.spatial_cfg and guided),
+              "SkipSparse (--sparse)": config.sparse,
+              "spatial CFG (--spatial-cfg, with CFG on)": config.spatial_cfg and guided,
+              "StepCache (--step-cache)": config.step_cache}
+    for part, names in NEEDS.items():
+        idle = [name for name in names if name in given]
+        if idle and not acting[part]:
+            raise UsageError(f"{flag(idle[0])} acts only with {part}, which this {title} run does not use: "
+                             "drop it or turn that part on")
+    if args.save_mask and not acting["a focus mask (--sparse or --spatial-cfg)"]:
+        turned_off = [f"--no-{name.replace('_', '-')}" for name in ("sparse", "spatial_cfg") if getattr(args, name) is False]
+        why = (f"{' and '.join(turned_off)} turned off what builds it" if turned_off else
+               f"{title} runs StepCache alone by default")
+        raise UsageError(f"--save-mask: this run builds no focus mask ({why}): add --sparse")
+    if settings.steps is not None:  # FLUX's default depends on the variant: checked once it is loaded
         try:
-            config = accelaes_config(args)
+            config.check(settings.steps)
         except ValueError as error:
             raise UsageError(str(error)) from None
-        # Without CFG (FLUX) spatial CFG builds no mask.
-        if args.save_mask and not (config.sparse or (config.spatial_cfg and pipeline.classifier_free)):
-            raise UsageError(f"--save-mask: this run builds no mask ({pipeline.title} runs StepCache alone "
-                             "by default); add --sparse")
-        if args.solver not in (None, "euler"):
-            raise UsageError(f"--solver {args.solver}: AccelAes extrapolates Euler steps; add --dense")
-    for extra in extra_outputs(args):
-        if extra.exists() and not args.overwrite:
-            raise UsageError(f"{extra} already exists: pass --overwrite or choose another --output")
+    if getattr(settings, "solver", "euler") != "euler":
+        raise UsageError(f"--solver {settings.solver}: AccelAes extrapolates Euler steps; add --dense")
 
 
 def extra_outputs(args: argparse.Namespace) -> list[Path]:
@@ -250,55 +299,14 @@ def extra_outputs(args: argparse.Namespace) -> list[Path]:
     return ([Path(f"{stem}-dense.png")] if args.compare else []) + ([Path(f"{stem}-mask.png")] if args.save_mask else [])
 
 
-def to_pil(image: torch.Tensor) -> Image.Image:
-    """An image in [0, 1], [3, H, W], as 8-bit RGB (rounded as diffusers rounds)."""
-    pixels = (image.permute(1, 2, 0).float().cpu().numpy() * 255).round().astype("uint8")
-    return Image.fromarray(np.ascontiguousarray(pixels))
-
-
 def progress_bar(done: int, total: int) -> None:
-    """A one-line bar on stderr, redrawn each step."""
-    width = 30
-    filled = width * done // total
-    end = "\n" if done == total else ""
-    print(f"\rsampling [{'#' * filled}{'.' * (width - filled)}] {done}/{total}", end=end, file=sys.stderr,
-          flush=True)
-
-
-def write_png(image: Image.Image, path: Path, parameters: dict) -> None:
-    """Write the PNG whole: to a temporary file beside it, then an atomic rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    info = PngInfo()
-    info.add_text("parameters", json.dumps(parameters))
-    handle, temporary = tempfile.mkstemp(suffix=".png.part", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            image.save(file, format="PNG", pnginfo=info)
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
-
-
-def psnr(image: torch.Tensor, reference: torch.Tensor) -> float:
-    """Peak signal-to-noise ratio, in dB, of images in [0, 1]."""
-    mse = (image.float() - reference.float()).pow(2).mean().item()
-    return float("inf") if mse == 0 else 10 * np.log10(1 / mse)
-
-
-def mask_picture(image: torch.Tensor, accel: AccelAes) -> Image.Image:
-    """Three panels: the picture, the attention heat map over it, the focus tokens over it."""
-    mask = accel.mask
-    size = image.shape[1:]
-    heat = mask.affinity[0].view(1, 1, *mask.grid).float()
-    heat = (heat - heat.min()) / (heat.max() - heat.min()).clamp_min(1e-12)
-    heat = torch.nn.functional.interpolate(heat, size=size, mode="nearest")[0, 0]
-    colour = torch.stack([(2 * heat).clamp(0, 1), (2 * heat - 1).clamp(0, 1), 0.25 * (1 - heat)])
-    focus = torch.nn.functional.interpolate(mask.soft[0].view(1, 1, *mask.grid).float(), size=size,
-                                            mode="nearest")[0]
-    picture = image.float().cpu()
-    panels = [picture, 0.4 * picture + 0.6 * colour, picture * (0.25 + 0.75 * focus)]
-    return to_pil(torch.cat(panels, dim=2))
+    """On a terminal, one line on stderr redrawn each step; in a log, a line every tenth of the run."""
+    if sys.stderr.isatty():
+        filled = 30 * done // total
+        print(f"\rsampling [{'#' * filled}{'.' * (30 - filled)}] {done}/{total}", end="\n" if done == total else "",
+              file=sys.stderr, flush=True)
+    elif done == total or done % max(1, total // 10) == 0:
+        print(f"sampling: step {done}/{total}", file=sys.stderr, flush=True)
 
 
 def load_embedder(args: argparse.Namespace, pipeline):
@@ -322,6 +330,9 @@ def load_pipeline(args: argparse.Namespace):
         print(f"No --weights given: running a small built-in {pipeline.title} model with RANDOM weights, so the "
               "picture is noise. weights.md lists the released weights and where to download them.",
               file=sys.stderr)
+        if args.text_device is not None:
+            print("note: the built-in random model keeps its text encoders with it; --text-device is ignored",
+                  file=sys.stderr)
         return pipeline.random(seed=0).to(args.device, DTYPES[args.dtype]), "built-in random model"
     print(f"loading {args.model} from {args.weights} ...", file=sys.stderr)
     return pipeline.from_folder(args.weights, DTYPES[args.dtype], args.device, text_device=args.text_device), args.model
@@ -335,9 +346,16 @@ def clock(device: str) -> float:
 
 
 def generate(pipeline, args, settings, accel: AccelAes | None) -> tuple[torch.Tensor, float]:
+    """One picture [3, H, W] and its seconds; refused when the run produced NaN or Inf."""
     started = clock(args.device)
-    _, images = pipeline.generate([args.prompt], [args.negative_prompt], seed=args.seed, height=args.height,
-                                  width=args.width, settings=settings, progress=progress_bar, accelerator=accel)
+    latents, images = pipeline.generate([args.prompt], [args.negative_prompt or ""], seed=args.seed,
+                                        height=args.height, width=args.width, settings=settings,
+                                        progress=progress_bar, accelerator=accel)
+    if not (torch.isfinite(latents).all() and torch.isfinite(images).all()):
+        cause = ("fp16 overflowed: try --dtype bf16 or --dtype fp32" if args.dtype == "fp16" else
+                 f"the weights in {args.weights} hold NaN or Inf values: download them again (weights.md, "
+                 "Troubleshooting)" if args.weights else "the model's numbers overflowed: try --dtype fp32")
+        raise UsageError(f"the generation produced NaN or Inf values, so no picture was written: {cause}")
     return images[0], clock(args.device) - started
 
 
@@ -351,51 +369,66 @@ def print_comparison(dense_seconds: float, fast_seconds: float, accel: AccelAes,
         print(f"{name:<10}{seconds:>9.2f}  {counts:<40}{speedup:>7.2f}x  {db}")
 
 
+def report(accel: AccelAes, settings, seconds: float) -> dict:
+    """Tell the user what AccelAes did; the PNG's record of it."""
+    for note in accel.notes:
+        print(note, file=sys.stderr)
+    if accel.mask is not None:
+        print(f"AesMask: {accel.reports[0].describe()}", file=sys.stderr)
+    if accel.guidance_map is not None:
+        print(f"spatial CFG: {accel.config.guidance_fg} on focus tokens, {accel.config.guidance_bg} on the "
+              f"background (base scale {settings.guidance})", file=sys.stderr)
+    print(f"AccelAes: {accel.stats.dense} dense, {accel.stats.sparse} sparse evaluations, "
+          f"{accel.stats.extrapolated} steps extrapolated ({seconds:.1f} s)", file=sys.stderr)
+    return {"config": {k: v for k, v in accel.config.__dict__.items() if k != "anchors"},
+            "evaluations": accel.stats.__dict__, "aesmask": accel.reports[0].describe() if accel.mask else None}
+
+
+def run(args: argparse.Namespace, written: list[Path]) -> None:
+    pipeline, model = load_pipeline(args)
+    settings = pipeline.resolve(model_settings(args))
+    for note in pipeline.truncations([args.prompt, args.negative_prompt or ""], settings):
+        print(f"note: {note}", file=sys.stderr)
+    parameters = {"model": model, "weights": str(args.weights) if args.weights else None,
+                  "prompt": args.prompt, "negative_prompt": args.negative_prompt or "", "seed": args.seed,
+                  "height": args.height, "width": args.width, "dtype": args.dtype, **settings.__dict__}
+    accel = None if args.dense else AccelAes.create(accelaes_config(args), load_embedder(args, pipeline))
+    if accel is not None:
+        accel.config.check(settings.steps)
+    if args.compare:  # one step first, so neither timed run pays the one-time start-up costs
+        pipeline.generate([args.prompt], [args.negative_prompt or ""], height=args.height, width=args.width,
+                          settings=replace(settings, steps=1))
+    image, seconds = generate(pipeline, args, settings, accel)
+    parameters["accelaes"] = None if accel is None else report(accel, settings, seconds)
+    outputs = []
+    if args.compare:
+        dense_image, dense_seconds = generate(pipeline, args, settings, None)
+        print_comparison(dense_seconds, seconds, accel, psnr(image[None], dense_image[None]).item(), settings.steps)
+        outputs.append((to_pil(dense_image), {**parameters, "accelaes": None}))
+    if args.save_mask:
+        mask = accel.mask
+        outputs.append((mask_picture(image, mask.affinity[0], mask.soft[0], mask.grid), parameters))
+    for (picture, record), path in zip([(to_pil(image), parameters), *outputs], [args.output, *extra_outputs(args)]):
+        write_png(picture, path, record)
+        written.append(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    started, written = time.perf_counter(), []
     try:
         check_args(args)
-        started = time.perf_counter()
-        pipeline, model = load_pipeline(args)
-        settings = pipeline.resolve(model_settings(args))
-        parameters = {"model": model, "weights": str(args.weights) if args.weights else None,
-                      "prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": args.seed,
-                      "height": args.height, "width": args.width, "dtype": args.dtype, **settings.__dict__}
-        accel = None if args.dense else AccelAes.create(accelaes_config(args), load_embedder(args, pipeline))
-        if accel is not None:
-            try:
-                accel.config.check(settings.steps)
-            except ValueError as error:
-                raise UsageError(str(error)) from None
-        if args.compare:
-            # One step first, so neither timed run pays the one-time start-up costs.
-            pipeline.generate([args.prompt], [args.negative_prompt], height=args.height, width=args.width,
-                              settings=replace(settings, steps=1))
-        image, seconds = generate(pipeline, args, settings, accel)
-        if accel is not None:
-            for note in accel.notes:
-                print(note, file=sys.stderr)
-            print(f"AesMask: {accel.reports[0].describe()}", file=sys.stderr)
-            if accel.guidance_map is not None:
-                print(f"spatial CFG: {accel.config.guidance_fg} on focus tokens, {accel.config.guidance_bg} on the "
-                      f"background (base scale {settings.guidance})", file=sys.stderr)
-            print(f"AccelAes: {accel.stats.dense} dense, {accel.stats.sparse} sparse evaluations, "
-                  f"{accel.stats.extrapolated} steps extrapolated ({seconds:.1f} s)", file=sys.stderr)
-            parameters["accelaes"] = {"config": {k: v for k, v in accel.config.__dict__.items() if k != "anchors"},
-                                      "evaluations": accel.stats.__dict__, "aesmask": accel.reports[0].describe()}
-        else:
-            parameters["accelaes"] = None
-        if args.compare:
-            dense_image, dense_seconds = generate(pipeline, args, settings, None)
-            print_comparison(dense_seconds, seconds, accel, psnr(image, dense_image), settings.steps)
-            write_png(to_pil(dense_image), extra_outputs(args)[0], {**parameters, "accelaes": None})
-        if args.save_mask:
-            write_png(mask_picture(image, accel), extra_outputs(args)[-1], parameters)
-        write_png(to_pil(image), args.output, parameters)
-    except (UsageError, CheckpointError) as error:
+        run(args, written)
+    except (ValueError, OSError) as error:  # UsageError and CheckpointError are ValueErrors
+        if isinstance(error, OSError):
+            error = f"{error.filename}: {error.strerror}" if error.filename else str(error)
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"wrote {args.output} ({time.perf_counter() - started:.1f} s)", file=sys.stderr)
+    except KeyboardInterrupt:
+        done = f"wrote {', '.join(map(str, written))}" if written else "nothing written"
+        print(f"\ninterrupted: {done}", file=sys.stderr)
+        return 130
+    print(f"wrote {', '.join(map(str, written))} ({time.perf_counter() - started:.1f} s)", file=sys.stderr)
     return 0
 
 

@@ -15,7 +15,6 @@ By default this reproduces diffusers' FluxPipeline, so the same seed gives the s
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -23,13 +22,14 @@ import numpy as np
 import torch
 
 from models.checkpoint import CheckpointError
+from models.keys import read_json
 from models.clip import CLIPParams, CLIPTextModel, CLIPTokenizer, load_clip
 from models.flux import Flux, FluxParams, image_ids, load_flux, pack, unpack
 from models.t5 import T5Encoder, T5Params, T5Tokenizer, load_t5
 from models.vae import AutoencoderKL, load_vae, tiny_random_vae
 
 from .aesmask_inputs import key_words
-from .base import Pipeline
+from .base import Pipeline, clip_and_t5_token_counts, decode_latents, draw_noise
 from .random_parts import ByteCLIPTokenizer, ByteT5Tokenizer, randomized
 from .sampling import FlowMatchSchedule
 
@@ -61,6 +61,7 @@ class FluxPipeline(Pipeline):
     title = "FLUX"
     Settings = FluxSettings
     classifier_free = False    # guidance-distilled: `guidance` is an input of the model
+    text_encoders = ("clip_l", "t5")
 
     def __init__(self, transformer: Flux, clip_l: CLIPTextModel | None, t5: T5Encoder | None,
                  clip_l_tokenizer: CLIPTokenizer | None, t5_tokenizer: T5Tokenizer | None, vae: AutoencoderKL,
@@ -102,11 +103,11 @@ class FluxPipeline(Pipeline):
             vae_path = folder / "ae.safetensors"
         else:
             raise CheckpointError(f"{folder} has neither vae/ nor ae.safetensors (the autoencoder): see weights.md")
-        vae_config = (json.loads((vae_path / "config.json").read_text())
+        vae_config = (read_json(vae_path / "config.json")
                       if (vae_path / "config.json").is_file() else {})
         scheduler_config = folder / "scheduler" / "scheduler_config.json"
         if scheduler_config.is_file():
-            schedule = FlowMatchSchedule.from_config(json.loads(scheduler_config.read_text()))
+            schedule = FlowMatchSchedule.from_config(read_json(scheduler_config), scheduler_config)
         else:
             schedule = DEV_SCHEDULE if transformer.params.guidance_embed else SCHNELL_SCHEDULE
         return cls(transformer, load_clip(folder / "text_encoder", **text_load), load_t5(folder / "text_encoder_2", **text_load),
@@ -155,11 +156,11 @@ class FluxPipeline(Pipeline):
             states = self.t5(ids.to(text_device))
         return FluxConditioning(states.to(self.device), pooled.to(self.device, states.dtype))
 
-    def initial_noise(self, batch: int, height: int, width: int, seed: int, text: FluxConditioning) -> torch.Tensor:
+    def initial_noise(self, batch: int, height: int, width: int, seed: int | list[int],
+                      text: FluxConditioning) -> torch.Tensor:
         """Packed noise [B, N, 64], drawn unpacked exactly as diffusers draws it."""
-        generator = torch.Generator("cpu").manual_seed(seed)
         shape = (batch, self.transformer.params.in_channels // 4, 2 * (height // 16), 2 * (width // 16))
-        return pack(torch.randn(shape, generator=generator, dtype=text.t5.dtype)).to(self.device)
+        return pack(draw_noise(shape, seed, text.t5.dtype)).to(self.device)
 
     def predict(self, latents: torch.Tensor, timestep: torch.Tensor, text: FluxConditioning, settings: FluxSettings,
                 size: tuple[int, int], *, probe=None, block_runner=None) -> torch.Tensor:
@@ -183,9 +184,10 @@ class FluxPipeline(Pipeline):
     def decode(self, latents: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Packed latents to images in [0, 1], [B, 3, H, W], float32."""
         latents = unpack(latents, 2 * (size[0] // 16), 2 * (size[1] // 16))
-        with torch.no_grad():
-            images = self.vae.decode((latents / self.vae_scale + self.vae_shift).to(torch.float32))
-        return (images.float() / 2 + 0.5).clamp(0, 1)
+        return decode_latents(self.vae, latents, self.vae_scale, self.vae_shift)
+
+    def token_counts(self, text: str, settings: FluxSettings) -> list[tuple[str, int, int]]:
+        return clip_and_t5_token_counts(self.clip_l_tokenizer, self.t5_tokenizer, text, settings.max_sequence_length)
 
     # ---- what AesMask reads ---------------------------------------------------------------------
 
@@ -204,4 +206,4 @@ class FluxPipeline(Pipeline):
         return text.t5.shape[1]
 
     def aesmask_clip(self):
-        return self.clip_l, self.clip_l_tokenizer
+        return None if self.clip_l is None else (self.clip_l, self.clip_l_tokenizer)

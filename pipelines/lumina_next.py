@@ -20,19 +20,19 @@ The official Lumina-T2X settings are options: solver "midpoint", shift 4, waters
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from models.checkpoint import CheckpointError
+from models.keys import read_json
 from models.gemma import GemmaEncoder, GemmaParams, GemmaTokenizer, load_gemma
 from models.lumina_next import NextDiT, NextDiTParams, load_nextdit, time_aware_rope_factors
 from models.vae import AutoencoderKL, load_vae, tiny_random_vae
 
 from .aesmask_inputs import key_words
-from .base import Pipeline
+from .base import Pipeline, decode_latents, draw_noise
 from .random_parts import ByteTokenizer, randomized
 from .sampling import FlowMatchSchedule
 
@@ -58,7 +58,8 @@ class TextConditioning:
     features: torch.Tensor     # [2B or B, L, 2048]
     mask: torch.Tensor         # [2B or B, L], 1 = token
     input_ids: torch.Tensor    # [2B or B, L]: for AesMask's token scoring
-    caption_kv: list[tuple[torch.Tensor, torch.Tensor]]   # every layer's caption keys / values, once
+    caption_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None   # every layer's caption keys /
+                                                                        # values, once (`precompute`)
 
 
 class LuminaNextPipeline(Pipeline):
@@ -66,6 +67,7 @@ class LuminaNextPipeline(Pipeline):
     title = "Lumina-Next"
     Settings = LuminaSettings
     guided_channels = 3        # CFG acts on latent channels 0-2 only
+    text_encoders = ("text_encoder",)
 
     def __init__(self, transformer: NextDiT, text_encoder: GemmaEncoder, tokenizer, vae: AutoencoderKL,
                  schedule: FlowMatchSchedule, vae_scale: float = SDXL_VAE_SCALE):
@@ -98,10 +100,10 @@ class LuminaNextPipeline(Pipeline):
                 raise CheckpointError(f"{folder} has no {path.name} (the {name.replace('_', ' ')}): "
                                       "see weights.md for the files Lumina-Next needs")
         scheduler_config = folder / "scheduler" / "scheduler_config.json"
-        schedule = (FlowMatchSchedule.from_config(json.loads(scheduler_config.read_text()))
+        schedule = (FlowMatchSchedule.from_config(read_json(scheduler_config), scheduler_config)
                     if scheduler_config.is_file() else FlowMatchSchedule())
         vae_config = parts["vae"] / "config.json"
-        vae_scale = (json.loads(vae_config.read_text()).get("scaling_factor", SDXL_VAE_SCALE)
+        vae_scale = (read_json(vae_config).get("scaling_factor", SDXL_VAE_SCALE)
                      if vae_config.is_file() else SDXL_VAE_SCALE)
         return cls(transformer=load_nextdit(parts["transformer"], dtype=dtype, device=device),
                    text_encoder=load_gemma(parts["text_encoder"], dtype=dtype, device=text_device or device),
@@ -143,7 +145,7 @@ class LuminaNextPipeline(Pipeline):
     def encode(self, prompts: list[str], negative_prompts: list[str] | None,
                settings: LuminaSettings) -> TextConditioning:
         """Gemma layer -2 features of the prompts (lowercased and stripped, as diffusers), then (for
-        CFG) of the negative prompts as given, and every layer's caption keys / values."""
+        CFG) of the negative prompts as given."""
         prompts = [p.lower().strip() for p in prompts]
         ids, mask = self.tokenizer(prompts, max_length=settings.max_sequence_length, pad_to_multiple_of=8)
         if negative_prompts is not None:
@@ -152,15 +154,19 @@ class LuminaNextPipeline(Pipeline):
         text_device = self.text_encoder.embed_tokens.weight.device
         with torch.no_grad():
             features = self.text_encoder(ids.to(text_device), attention_mask=mask.to(text_device), layer=-2)
-            features, ids, mask = features.to(self.device), ids.to(self.device), mask.to(self.device)
-            caption_kv = self.transformer.caption_keys_values(features)
-        return TextConditioning(features=features, mask=mask, input_ids=ids, caption_kv=caption_kv)
+        return TextConditioning(features=features.to(self.device), mask=mask.to(self.device),
+                                input_ids=ids.to(self.device))
 
-    def initial_noise(self, batch: int, height: int, width: int, seed: int, text: TextConditioning) -> torch.Tensor:
-        """Noise as diffusers draws it: CPU generator, the final shape, the text encoder's dtype."""
-        generator = torch.Generator("cpu").manual_seed(seed)
+    def precompute(self, text: TextConditioning) -> TextConditioning:
+        """Every layer's caption keys / values: the same at every step, so computed once."""
+        with torch.no_grad():
+            return replace(text, caption_kv=self.transformer.caption_keys_values(text.features))
+
+    def initial_noise(self, batch: int, height: int, width: int, seed: int | list[int],
+                      text: TextConditioning) -> torch.Tensor:
+        """Noise as diffusers draws it: CPU generator(s), the final shape, the text encoder's dtype."""
         shape = (batch, LATENT_CHANNELS, height // 8, width // 8)
-        return torch.randn(shape, generator=generator, dtype=text.features.dtype).to(self.device)
+        return draw_noise(shape, seed, text.features.dtype).to(self.device)
 
     def predict(self, latents: torch.Tensor, timestep: torch.Tensor, text: TextConditioning,
                 settings: LuminaSettings, size: tuple[int, int], *, probe=None, block_runner=None) -> torch.Tensor:
@@ -181,9 +187,10 @@ class LuminaNextPipeline(Pipeline):
         return self.schedule.with_shift(settings.shift).sigmas(settings.steps)
 
     def decode(self, latents: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        with torch.no_grad():
-            images = self.vae.decode(latents.to(torch.float32) / self.vae_scale)
-        return (images / 2 + 0.5).clamp(0, 1)
+        return decode_latents(self.vae, latents, self.vae_scale)
+
+    def token_counts(self, text: str, settings: LuminaSettings) -> list[tuple[str, int, int]]:
+        return [("Gemma", len(self.tokenizer.encode(text.lower().strip())) + 1, settings.max_sequence_length)]
 
     # ---- what AesMask reads ---------------------------------------------------------------------
 

@@ -26,6 +26,10 @@ class ByteTokenizer:
     pad_id, bos_id, offset = 0, 2, 4
     vocab_size = 256 + offset
 
+    def encode(self, text: str) -> list[int]:
+        """Ids of `text` without BOS."""
+        return [b + self.offset for b in text.encode()]
+
     def id_to_piece(self, ids: list[int]) -> list[str]:
         """A space byte reads as SentencePiece's word marker, so words group as Gemma's do."""
         return [chr(i - self.offset).replace(" ", "▁") if i >= self.offset else "<special>" for i in ids]
@@ -55,16 +59,19 @@ class ByteCLIPTokenizer:
             data = word.encode()
             pieces += [(chr(b) + ("</w>" if i == len(data) - 1 else ""), b + 256 * (i == len(data) - 1))
                        for i, b in enumerate(data)]
-        return pieces[:self.max_length - 2]
+        return pieces
 
     def tokens(self, text: str) -> list[str]:
-        return ["<|startoftext|>", *(p for p, _ in self._pieces(text)), "<|endoftext|>"]
+        return ["<|startoftext|>", *(p for p, _ in self._pieces(text)[:self.max_length - 2]), "<|endoftext|>"]
+
+    def length(self, text: str) -> int:
+        return len(self._pieces(text)) + 2
 
     def __call__(self, texts: str | list[str]) -> torch.Tensor:
         texts = [texts] if isinstance(texts, str) else texts
         ids = torch.full((len(texts), self.max_length), self.pad_id, dtype=torch.long)
         for i, text in enumerate(texts):
-            row = [self.sot_id, *(t for _, t in self._pieces(text)), self.eot_id]
+            row = [self.sot_id, *(t for _, t in self._pieces(text)[:self.max_length - 2]), self.eot_id]
             ids[i, :len(row)] = torch.tensor(row)
         return ids
 
@@ -80,6 +87,9 @@ class ByteT5Tokenizer:
         for word in text.split():
             pieces += [(("▁" if i == 0 else "") + chr(b), b + self.offset) for i, b in enumerate(word.encode())]
         return pieces
+
+    def encode(self, text: str) -> list[int]:
+        return [t for _, t in self._pieces(text)]
 
     def tokens(self, text: str, max_length: int = 256) -> list[str]:
         return [*(p for p, _ in self._pieces(text)[:max_length - 1]), "</s>"]

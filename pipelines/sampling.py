@@ -33,16 +33,24 @@ class FlowMatchSchedule:
     max_image_seq_len: int = 4096
 
     @classmethod
-    def from_config(cls, config: dict) -> "FlowMatchSchedule":
+    def from_config(cls, config: dict, source: object = "scheduler_config.json") -> "FlowMatchSchedule":
+        """The settings a scheduler config holds; `source` (its path) is named in every refusal."""
         unsupported = [k for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
                                    "invert_sigmas", "shift_terminal") if config.get(k)]
         if unsupported:
-            raise ValueError(f"scheduler_config.json sets {', '.join(unsupported)}, which this sampler does not "
-                             "implement; remove it or use the released scheduler config")
+            raise ValueError(f"{source} sets {', '.join(unsupported)}, which this sampler does not implement; "
+                             "remove it or use the released scheduler config")
         if config.get("time_shift_type", "exponential") != "exponential":
-            raise ValueError("scheduler_config.json: only time_shift_type 'exponential' is implemented")
+            raise ValueError(f"{source}: only time_shift_type 'exponential' is implemented")
         fields = cls.__dataclass_fields__
-        return cls(**{k: v for k, v in config.items() if k in fields and v is not None})
+        given = {k: v for k, v in config.items() if k in fields and v is not None}
+        for key, value in given.items():
+            flag = fields[key].type == "bool"
+            if isinstance(value, bool) != flag or not (flag or (isinstance(value, (int, float)) and
+                                                                 math.isfinite(value) and value > 0)):
+                raise ValueError(f"{source}: {key} is {value!r}, not a {'true/false value' if flag else 'positive number'}"
+                                 ": download the scheduler config again")
+        return cls(**given)
 
     def with_shift(self, shift: float | None) -> "FlowMatchSchedule":
         """This schedule with a fixed shift in place of its own (None: unchanged); a fixed shift

@@ -21,7 +21,6 @@ image:
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,13 +28,14 @@ import torch
 import torch.nn.functional as F
 
 from models.checkpoint import Checkpoint, CheckpointError
+from models.keys import read_json
 from models.clip import CLIPParams, CLIPTextModel, CLIPTokenizer, load_clip
 from models.mmdit import MMDiT, MMDiTParams, load_mmdit
 from models.t5 import T5Encoder, T5Params, T5Tokenizer, load_t5
 from models.vae import AutoencoderKL, load_vae, tiny_random_vae
 
 from .aesmask_inputs import key_words
-from .base import Pipeline
+from .base import Pipeline, clip_and_t5_token_counts, decode_latents, draw_noise
 from .random_parts import ByteCLIPTokenizer, ByteT5Tokenizer, randomized
 from .sampling import FlowMatchSchedule
 
@@ -62,6 +62,7 @@ class SD3Pipeline(Pipeline):
     """The released components of SD3 / SD3.5."""
     title = "SD3"
     Settings = SD3Settings
+    text_encoders = ("clip_l", "clip_g", "t5")
 
     def __init__(self, transformer: MMDiT, clip_l: CLIPTextModel, clip_g: CLIPTextModel, t5: T5Encoder | None,
                  clip_l_tokenizer: CLIPTokenizer, clip_g_tokenizer: CLIPTokenizer, t5_tokenizer: T5Tokenizer,
@@ -101,9 +102,9 @@ class SD3Pipeline(Pipeline):
             transformer, clip_l, clip_g, t5, vae = cls._load_single_files(folder, load, text_load)
             vae_path = folder / "vae"
         scheduler_config = folder / "scheduler" / "scheduler_config.json"
-        schedule = (FlowMatchSchedule.from_config(json.loads(scheduler_config.read_text()))
+        schedule = (FlowMatchSchedule.from_config(read_json(scheduler_config), scheduler_config)
                     if scheduler_config.is_file() else FlowMatchSchedule(shift=3.0))
-        vae_config = json.loads((vae_path / "config.json").read_text()) if (vae_path / "config.json").is_file() else {}
+        vae_config = read_json(vae_path / "config.json") if (vae_path / "config.json").is_file() else {}
         return cls(transformer, clip_l, clip_g, t5, *tokenizers, vae, schedule,
                    vae_scale=vae_config.get("scaling_factor", SD3_VAE_SCALE),
                    vae_shift=vae_config.get("shift_factor", SD3_VAE_SHIFT))
@@ -182,10 +183,10 @@ class SD3Pipeline(Pipeline):
         pooled = torch.cat([clip_l.pooled_projected, clip_g.pooled_projected.to(dtype)], dim=-1)
         return SD3Conditioning(context.to(self.device), pooled.to(self.device))
 
-    def initial_noise(self, batch: int, height: int, width: int, seed: int, text: SD3Conditioning) -> torch.Tensor:
-        generator = torch.Generator("cpu").manual_seed(seed)
+    def initial_noise(self, batch: int, height: int, width: int, seed: int | list[int],
+                      text: SD3Conditioning) -> torch.Tensor:
         shape = (batch, self.transformer.params.in_channels, height // self.vae.downscale, width // self.vae.downscale)
-        return torch.randn(shape, generator=generator, dtype=text.context.dtype).to(self.device)
+        return draw_noise(shape, seed, text.context.dtype).to(self.device)
 
     def predict(self, latents: torch.Tensor, timestep: torch.Tensor, text: SD3Conditioning, settings: SD3Settings,
                 size: tuple[int, int], *, probe=None, block_runner=None) -> torch.Tensor:
@@ -203,9 +204,10 @@ class SD3Pipeline(Pipeline):
         return schedule.sigmas(settings.steps)
 
     def decode(self, latents: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        with torch.no_grad():
-            images = self.vae.decode((latents / self.vae_scale + self.vae_shift).to(torch.float32))
-        return (images.float() / 2 + 0.5).clamp(0, 1)
+        return decode_latents(self.vae, latents, self.vae_scale, self.vae_shift)
+
+    def token_counts(self, text: str, settings: SD3Settings) -> list[tuple[str, int, int]]:
+        return clip_and_t5_token_counts(self.clip_l_tokenizer, self.t5_tokenizer, text, settings.max_sequence_length)
 
     # ---- what AesMask reads ---------------------------------------------------------------------
 
@@ -229,4 +231,4 @@ class SD3Pipeline(Pipeline):
         return text.context.shape[1]
 
     def aesmask_clip(self):
-        return self.clip_l, self.clip_l_tokenizer
+        return None if self.clip_l is None else (self.clip_l, self.clip_l_tokenizer)

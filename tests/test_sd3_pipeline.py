@@ -157,7 +157,7 @@ def test_missing_parts(saved, tmp_path, capsys):
                         "--output", str(tmp_path / "x.png")]) == 2
     assert "--solver applies to --model lumina-next only" in capsys.readouterr().err
     assert sample.main(["--model", "sd3", "--weights", str(folder), "--save-mask", "--output", str(tmp_path / "x.png")]) == 2
-    assert "--save-mask: this run builds no mask (SD3 runs StepCache alone by default); add --sparse" in \
+    assert "--save-mask: this run builds no focus mask (SD3 runs StepCache alone by default): add --sparse" in \
         capsys.readouterr().err
     assert sample.main(["--model", "sd3", "--weights", str(folder), "--scaling-watershed", "0.3",
                         "--output", str(tmp_path / "x.png")]) == 2
