@@ -23,8 +23,9 @@ from pathlib import Path
 
 import torch
 
-from accelaes import TOKEN_WEIGHTINGS, AccelAes, AccelAesConfig
-from cli.checks import (UsageError, check_folder, check_number, check_text, check_writable_file)
+from accelaes import TOKEN_WEIGHTINGS, AccelAes, AccelAesConfig, AestheticScorer
+from cli.checks import (UsageError, check_folder, check_number, check_text, check_writable_file,
+                        check_writable_folder)
 from cli.files import mask_picture, to_pil, write_png
 from metrics.fidelity import psnr
 from models.checkpoint import CheckpointError
@@ -32,6 +33,7 @@ from models.clip import CLIPTokenizer, load_clip
 from pipelines import REGISTRY
 from pipelines.aesmask_inputs import clip_phrase_embedder
 from pipelines.sampling import check_size
+from runs import PromptFileError, data_parallel, make_jobs, read_prompts, run_jobs, seed_list
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -75,8 +77,10 @@ NUMBER_RANGES = {
     "threshold": dict(at_least=-1, at_most=1), "top_k": dict(at_least=1), "mask_step": dict(at_least=0),
     "record_every": dict(at_least=1), "skip_ratio": dict(above=0, below=1), "smooth_sigma": dict(at_least=0),
     "sparse_refresh": dict(at_least=0), "guidance_fg": dict(at_least=0), "guidance_bg": dict(at_least=0),
-    "warmup": dict(at_least=2), "interval": dict(at_least=1),
+    "warmup": dict(at_least=2), "interval": dict(at_least=1), "images_per_prompt": dict(at_least=1),
+    "batch_size": dict(at_least=1),
 }
+PROMPT_FILE_FLAGS = ("seeds", "images_per_prompt", "batch_size", "encode_first")
 
 # AccelAes flags that only act when a part of the method runs (the rest would be ignored silently).
 NEEDS = {
@@ -94,20 +98,42 @@ def build_parser() -> argparse.ArgumentParser:
                     "random weights runs instead (see weights.md for the real ones).")
     parser.add_argument("--model", choices=sorted(REGISTRY), default="lumina-next",
                         help="which diffusion transformer to run (default: %(default)s)")
-    parser.add_argument("--prompt", default="a photo of a cat", help="what to draw (default: %(default)r)")
+    parser.add_argument("--prompt", default=None, help="what to draw (default: 'a photo of a cat')")
     parser.add_argument("--negative-prompt", default=None,
                         help="what to steer away from, through classifier-free guidance (default: empty)")
     parser.add_argument("--weights", type=Path, default=None,
                         help="folder of released weights, as downloaded (see weights.md); omit it to run "
                              "the built-in random model")
-    parser.add_argument("--output", type=Path, default=Path("outputs/sample.png"),
-                        help="PNG file to write (default: %(default)s)")
-    parser.add_argument("--overwrite", action="store_true", help="replace --output if it already exists")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="PNG file to write (default: outputs/sample.png)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --output if it already exists; with --prompts, make every image again")
+    add_prompt_file_flags(parser.add_argument_group(
+        "Many prompts (python sample.py --prompts FILE --output-dir DIR; under torchrun the processes share "
+        "the work)"))
     add_generation_flags(parser)
     add_method_flags(parser.add_argument_group(
         "AccelAes (on by default; the defaults shown are Lumina-Next's: SD3 and FLUX run StepCache alone unless "
         "--sparse / --spatial-cfg is given)"))
     return parser
+
+
+def add_prompt_file_flags(group) -> None:
+    group.add_argument("--prompts", type=Path, default=None,
+                       help="a text file with one prompt a line, or JSON Lines with prompt and optional "
+                            "negative_prompt, seed, name; one PNG per (prompt, seed) in --output-dir")
+    group.add_argument("--output-dir", type=Path, default=None,
+                       help="folder of the PNGs and manifest.jsonl; a second run with the same arguments makes only "
+                            "the images that are missing")
+    group.add_argument("--seeds", default=None,
+                       help="comma-separated seeds, e.g. 0,1,2: one image of every prompt for each (default: --seed)")
+    group.add_argument("--images-per-prompt", type=int, default=None,
+                       help="this many images of every prompt, seeds --seed, --seed + 1, ... (instead of --seeds)")
+    group.add_argument("--batch-size", type=int, default=None,
+                       help="prompts per model call; an image does not depend on it (default: 1)")
+    group.add_argument("--encode-first", action="store_true", default=None,
+                       help="encode every prompt first, then free the text encoders before the transformer runs "
+                            "(FLUX-dev on a 24 GB GPU)")
 
 
 def add_generation_flags(parser: argparse.ArgumentParser) -> None:
@@ -252,9 +278,44 @@ def check_args(args: argparse.Namespace) -> None:
                          "try --device cpu") from None
     check_folder("--weights", args.weights, "the folder of released weights listed in weights.md")
     check_folder("--clip", args.clip, "a CLIP ViT-L/14 text encoder folder (see weights.md)")
-    for path in [args.output, *extra_outputs(args)]:
-        check_writable_file("--output", path, args.overwrite)
+    if args.prompts is None and args.output_dir is None:
+        idle = [name for name in PROMPT_FILE_FLAGS if getattr(args, name) is not None]
+        if idle:
+            raise UsageError(f"{flag(idle[0])} acts only with --prompts FILE --output-dir DIR: add them or drop it")
+        args.output = args.output or Path("outputs/sample.png")
+        for path in [args.output, *extra_outputs(args)]:
+            check_writable_file("--output", path, args.overwrite)
+        args.prompt = args.prompt if args.prompt is not None else "a photo of a cat"
+    else:
+        args.jobs = prompt_file_jobs(args)
     check_method_flags(args, settings, guided)
+
+
+def prompt_file_jobs(args: argparse.Namespace) -> list:
+    """The jobs of a --prompts run, read and checked before any model loads."""
+    if args.prompts is None or args.output_dir is None:
+        raise UsageError("--prompts and --output-dir go together: give both")
+    clashing = [name for name, given in (("--prompt", args.prompt is not None), ("--output", args.output is not None),
+                                         ("--compare", args.compare), ("--save-mask", args.save_mask)) if given]
+    if clashing:
+        raise UsageError(f"{clashing[0]} works with one prompt, not with --prompts (evaluate.py compares a prompt "
+                         "file dense against AccelAes): drop it")
+    if args.seeds is not None and args.images_per_prompt is not None:
+        raise UsageError("--seeds and --images-per-prompt both say which seeds to use: give one of them")
+    try:
+        seeds = None if args.seeds is None else [int(seed) for seed in args.seeds.split(",")]
+    except ValueError:
+        raise UsageError(f"--seeds {args.seeds}: give whole numbers separated by commas, e.g. 0,1,2") from None
+    if args.output_dir.exists() and not args.output_dir.is_dir():
+        raise UsageError(f"--output-dir {args.output_dir} is a file: give a folder")
+    check_writable_folder("--output-dir", args.output_dir)
+    try:
+        return make_jobs(read_prompts(args.prompts), seed_list(seeds, args.images_per_prompt or 1, args.seed),
+                         negative_prompt=args.negative_prompt or "")
+    except PromptFileError:
+        raise
+    except ValueError as error:
+        raise UsageError(f"--seeds: {error}") from None
 
 
 def check_method_flags(args: argparse.Namespace, settings, guided: bool) -> None:
@@ -324,17 +385,19 @@ def load_embedder(args: argparse.Namespace, pipeline):
     return clip_phrase_embedder(model, CLIPTokenizer.from_folder(folder))
 
 
-def load_pipeline(args: argparse.Namespace):
+def load_pipeline(args: argparse.Namespace, say: bool = True):
+    """The pipeline on args.device; say: print what is loaded (under torchrun, the first process only)."""
     pipeline = REGISTRY[args.model].pipeline
+    print_ = print if say else (lambda *a, **k: None)
     if args.weights is None:
-        print(f"No --weights given: running a small built-in {pipeline.title} model with RANDOM weights, so the "
-              "picture is noise. weights.md lists the released weights and where to download them.",
-              file=sys.stderr)
+        print_(f"No --weights given: running a small built-in {pipeline.title} model with RANDOM weights, so the "
+               "picture is noise. weights.md lists the released weights and where to download them.",
+               file=sys.stderr)
         if args.text_device is not None:
-            print("note: the built-in random model keeps its text encoders with it; --text-device is ignored",
-                  file=sys.stderr)
+            print_("note: the built-in random model keeps its text encoders with it; --text-device is ignored",
+                   file=sys.stderr)
         return pipeline.random(seed=0).to(args.device, DTYPES[args.dtype]), "built-in random model"
-    print(f"loading {args.model} from {args.weights} ...", file=sys.stderr)
+    print_(f"loading {args.model} from {args.weights} ...", file=sys.stderr)
     return pipeline.from_folder(args.weights, DTYPES[args.dtype], args.device, text_device=args.text_device), args.model
 
 
@@ -413,11 +476,37 @@ def run(args: argparse.Namespace, written: list[Path]) -> None:
         written.append(path)
 
 
+def run_prompt_file(args: argparse.Namespace) -> None:
+    """Every (prompt, seed) of --prompts into --output-dir, in batches, shared among torchrun's processes."""
+    with data_parallel(args.device) as process:
+        args.device = process.device
+        pipeline, model = load_pipeline(args, say=process.main)
+        settings = pipeline.resolve(model_settings(args))
+        accelerator = None
+        if not args.dense:
+            config = accelaes_config(args)
+            config.check(settings.steps)
+            # One scorer for the run: the anchors are embedded once, not once per batch.
+            scorer = AestheticScorer(load_embedder(args, pipeline), config.anchors, config.threshold, config.top_k,
+                                     config.token_weighting)
+            accelerator = lambda: AccelAes(config, scorer)  # noqa: E731
+        summary = run_jobs(pipeline, args.jobs, args.output_dir, settings=settings, height=args.height,
+                           width=args.width, batch_size=args.batch_size or 1, accelerator=accelerator,
+                           encode_first=bool(args.encode_first), overwrite=args.overwrite,
+                           parameters={"model": model, "weights": str(args.weights) if args.weights else None,
+                                       "dtype": args.dtype}, process=process)
+        label = f"rank {process.rank}: " if process.world > 1 else ""
+        print(f"{label}{summary.describe()}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     started, written = time.perf_counter(), []
     try:
         check_args(args)
+        if args.prompts is not None:
+            run_prompt_file(args)
+            return 0
         run(args, written)
     except (ValueError, OSError) as error:  # UsageError and CheckpointError are ValueErrors
         if isinstance(error, OSError):

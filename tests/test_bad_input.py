@@ -25,6 +25,10 @@ def scenery(tmp: Path) -> None:
     (tmp / "taken.png").write_bytes(b"precious")
     (tmp / "latin1.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
     (tmp / "empty.txt").write_text("# only a comment\n\n")
+    (tmp / "blank.txt").write_text("\n \n")
+    (tmp / "prompts.txt").write_text("a red fox\ntwo boats\n")
+    (tmp / "bad.jsonl").write_text('{"prompt": "a red fox"}\n{"prompt": "two boats", \n')
+    (tmp / "twice.jsonl").write_text('{"prompt": "a", "name": "x"}\n{"prompt": "b", "name": "x"}\n')
 
 
 CASES = [
@@ -96,6 +100,25 @@ CASES = [
     (["--model", "sd3", "--scaling-watershed", "0.3"], "--scaling-watershed applies to --model lumina-next only"),
     (["--model", "flux", "--spatial-cfg"], "--spatial-cfg needs classifier-free guidance"),
     (["--model", "flux", "--negative-prompt", "blurry"], "FLUX is guidance-distilled"),
+    # many prompts
+    (["--seeds", "0,1"], "--seeds acts only with --prompts FILE --output-dir DIR"),
+    (["--batch-size", "2"], "--batch-size acts only with --prompts FILE --output-dir DIR"),
+    (["--prompts", "{tmp}/prompts.txt"], "--prompts and --output-dir go together"),
+    (["--prompts", "{tmp}/prompts.txt", "--output-dir", "{tmp}/out", "--compare"], "--compare works with one prompt"),
+    (["--prompts", "{tmp}/prompts.txt", "--output-dir", "{tmp}/out", "--prompt", "x"], "--prompt works with one prompt"),
+    (["--prompts", "{tmp}/prompts.txt", "--output-dir", "{tmp}/out", "--seeds", "a,b"], "--seeds a,b: give whole numbers"),
+    (["--prompts", "{tmp}/prompts.txt", "--output-dir", "{tmp}/out", "--seeds", "1,1"], "seed 1 is given twice"),
+    (["--prompts", "{tmp}/prompts.txt", "--output-dir", "{tmp}/out", "--seeds", "0", "--images-per-prompt", "2"],
+     "--seeds and --images-per-prompt both"),
+    (["--prompts", "{tmp}/prompts.txt", "--output-dir", "{tmp}/out", "--images-per-prompt", "0"],
+     "--images-per-prompt 0 is out of range"),
+    (["--prompts", "{tmp}/prompts.txt", "--output-dir", "{tmp}/out", "--batch-size", "0"], "--batch-size 0 is out of range"),
+    (["--prompts", "{tmp}/prompts.txt", "--output-dir", "{tmp}/file.txt"], "--output-dir {tmp}/file.txt is a file"),
+    (["--prompts", "{tmp}/missing.txt", "--output-dir", "{tmp}/out"], "missing.txt"),
+    (["--prompts", "{tmp}/blank.txt", "--output-dir", "{tmp}/out"], "blank.txt"),
+    (["--prompts", "{tmp}/bad.jsonl", "--output-dir", "{tmp}/out"], "bad.jsonl:2"),
+    (["--prompts", "{tmp}/twice.jsonl", "--output-dir", "{tmp}/out"], "twice.jsonl:2"),
+    (["--prompts", "{tmp}/latin1.txt", "--output-dir", "{tmp}/out"], "latin1.txt"),
 ]
 
 
@@ -105,7 +128,7 @@ def test_bad_command_line(tmp_path, capsys, monkeypatch, flags, message):
     scenery(tmp_path)
     before = snapshot(tmp_path)
     flags = [f.replace("{tmp}", str(tmp_path)) for f in flags]
-    if "--output" not in flags:
+    if "--output" not in flags and "--prompts" not in flags:
         flags += ["--output", str(tmp_path / "out.png")]
     assert sample.main(OUT + flags) == 2
     error = capsys.readouterr().err

@@ -93,3 +93,46 @@ def test_anchor_file(tmp_path):
         sample.load_anchors(tmp_path / "latin1.txt")
     (tmp_path / "anchors.txt").write_text("# mine\nglowing\n\nserene  # calm\n")
     assert sample.load_anchors(tmp_path / "anchors.txt") == ("glowing", "serene")
+
+
+def test_prompt_file_images_equal_single_prompt_images(tmp_path):
+    """sample.py --prompts writes, for each (prompt, seed), the image sample.py --prompt makes."""
+    prompts = ["a cinematic photo of a red fox", "two boats at sea", "a bowl of soup"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    common = ["--height", "64", "--width", "64", "--steps", "8", "--mask-step", "3", "--warmup", "3"]
+    assert sample.main(["--prompts", str(tmp_path / "prompts.txt"), "--output-dir", str(tmp_path / "out"),
+                        "--seeds", "4,9", "--batch-size", "1", *common]) == 0
+    manifest = [json.loads(line) for line in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()]
+    assert sorted((m["prompt"], m["seed"]) for m in manifest) == sorted((p, s) for p in prompts for s in (4, 9))
+    for record in manifest[:3]:
+        single = tmp_path / f"single-{record['index']}.png"
+        assert sample.main(["--prompt", record["prompt"], "--seed", str(record["seed"]), "--output", str(single),
+                            *common]) == 0
+        assert np.array_equal(np.asarray(Image.open(single)), np.asarray(Image.open(tmp_path / "out" / record["file"])))
+
+
+def test_torchrun_shares_a_prompt_file(tmp_path):
+    """Two processes under torchrun (gloo on the CPU) write the images one process writes, and one
+    manifest that lists each exactly once."""
+    import socket
+    (tmp_path / "prompts.txt").write_text("a red fox\ntwo boats\na bowl of soup\n")
+    common = ["--prompts", str(tmp_path / "prompts.txt"), "--seeds", "0,1", "--height", "64", "--width", "64",
+              "--steps", "4", "--dense"]
+    with socket.socket() as probe:       # a free port on the loopback for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # Both runs with one thread a process, so that the same matmuls round the same way.
+    environment = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    for launcher, folder in (([], "one"), (["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                                           "127.0.0.1", "--master_port", str(port)], "two")):
+        result = subprocess.run([sys.executable, *launcher, str(ROOT / "sample.py"), *common, "--output-dir",
+                                 str(tmp_path / folder)], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                                env=environment)
+        assert result.returncode == 0, result.stderr[-2000:]
+    one = sorted(p.name for p in (tmp_path / "one").glob("*.png"))
+    assert one == sorted(p.name for p in (tmp_path / "two").glob("*.png")) and len(one) == 6
+    for name in one:
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "one" / name)),
+                              np.asarray(Image.open(tmp_path / "two" / name)))
+    files = [json.loads(line)["file"] for line in (tmp_path / "two" / "manifest.jsonl").read_text().splitlines()]
+    assert sorted(files) == one
