@@ -136,43 +136,38 @@ def add_prompt_file_flags(group) -> None:
                             "(FLUX-dev on a 24 GB GPU)")
 
 
+# What shapes a generation: (flag, type or choices, default, help). None: the model's own.
+GENERATION_FLAGS = [
+    ("--seed", int, 0, "seed of the initial noise; the same seed gives the same image (default: 0)"),
+    ("--steps", int, None, "sampling steps (default: the model's: 30 Lumina-Next, 28 SD3, 28 FLUX-dev, 4 FLUX-schnell)"),
+    ("--guidance", float, None, "classifier-free guidance scale, 1 turns it off (default: the model's: 4.0 "
+                                "Lumina-Next, 7.0 SD3); for FLUX-dev the distilled guidance it is given (3.5)"),
+    ("--max-sequence-length", int, None, "text tokens of the prompt: Gemma's (Lumina-Next) or T5's (SD3, FLUX); "
+                                         "longer prompts are cut, and said so (default: 256; FLUX-dev 512)"),
+    ("--height", int, None, "image height in pixels, a multiple of 16 (default: 1024 with --weights, 256 for the "
+                            "random model)"),
+    ("--width", int, None, "image width in pixels, a multiple of 16 (default: as --height)"),
+    ("--shift", float, None, "time shift of the noise schedule (default: the scheduler config's; without one 1.0 "
+                             "for Lumina-Next, 3.0 for SD3; the official Lumina-T2X demo uses 4)"),
+    ("--solver", ["euler", "midpoint"], None, "Lumina-Next: ODE solver; midpoint (the official demo's) costs two "
+                                              "model calls a step (default: euler)"),
+    ("--scaling-watershed", float, None, "Lumina-Next: time-aware RoPE scaling, linear before this t, NTK after "
+                                         "(default: 1.0, diffusers'; the official code uses 0.3)"),
+    ("--dtype", sorted(DTYPES), None, "precision of the transformer and text encoder; the VAE always runs in fp32 "
+                                      "(default: bf16 on a GPU, fp32 on the CPU)"),
+    ("--device", str, "cuda" if torch.cuda.is_available() else "cpu", "torch device to run on (default: cuda "
+                                                                      "when there is one, else cpu)"),
+    ("--text-device", str, None, "device of the text encoders, e.g. cpu to keep T5's 9.5 GB off the GPU "
+                                 "(default: as --device)"),
+]
+
+
 def add_generation_flags(parser: argparse.ArgumentParser) -> None:
-    """What shapes a generation: seed, steps, guidance, size, schedule, precision, devices."""
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seed of the initial noise; the same seed gives the same image (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=None,
-                        help="sampling steps (default: the model's: 30 Lumina-Next, 28 SD3, 28 FLUX-dev, "
-                             "4 FLUX-schnell)")
-    parser.add_argument("--guidance", type=float, default=None,
-                        help="classifier-free guidance scale, 1 turns it off (default: the model's: 4.0 "
-                             "Lumina-Next, 7.0 SD3); for FLUX-dev the distilled guidance it is given (3.5)")
-    parser.add_argument("--max-sequence-length", type=int, default=None,
-                        help="text tokens of the prompt: Gemma's (Lumina-Next) or T5's (SD3, FLUX); longer "
-                             "prompts are cut (default: 256; FLUX-dev 512)")
-    parser.add_argument("--height", type=int, default=None,
-                        help="image height in pixels, a multiple of 16 (default: 1024 with --weights, "
-                             "256 for the random model)")
-    parser.add_argument("--width", type=int, default=None,
-                        help="image width in pixels, a multiple of 16 (default: as --height)")
-    parser.add_argument("--shift", type=float, default=None,
-                        help="time shift of the noise schedule (default: the scheduler config's; without one "
-                             "1.0 for Lumina-Next, 3.0 for SD3; the official Lumina-T2X demo uses 4)")
-    parser.add_argument("--solver", choices=["euler", "midpoint"], default=None,
-                        help="Lumina-Next: ODE solver; midpoint (the official demo's) costs two model calls "
-                             "a step (default: euler)")
-    parser.add_argument("--scaling-watershed", type=float, default=None,
-                        help="Lumina-Next: time-aware RoPE scaling, linear before this t, NTK after "
-                             "(default: 1.0, diffusers'; the official code uses 0.3)")
+    for name, kind, default, text in GENERATION_FLAGS:
+        typed = {"choices": kind} if isinstance(kind, list) else {"type": kind}
+        parser.add_argument(name, default=default, help=text, **typed)
     parser.add_argument("--no-proportional-attn", action="store_true", default=None,
                         help="Lumina-Next: turn off proportional attention (on by default, as in diffusers)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                        help="precision of the transformer and text encoder; the VAE always runs in fp32 "
-                             "(default: bf16 on a GPU, fp32 on the CPU)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="torch device to run on (default: %(default)s)")
-    parser.add_argument("--text-device", default=None,
-                        help="device of the text encoders, e.g. cpu to keep T5's 9.5 GB off the GPU "
-                             "(default: as --device)")
 
 
 def add_method_flags(method) -> None:
