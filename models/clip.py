@@ -20,7 +20,6 @@ CLIPTokenizer gives: 77 ids = start-of-text, up to 75 BPE tokens, end-of-text, p
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass

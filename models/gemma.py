@@ -23,7 +23,6 @@ and a GELU(tanh)-gated MLP. Parameter names are transformers' GemmaModel names (
 from __future__ import annotations
 
 import heapq
-import json
 import os
 import re
 from dataclasses import dataclass

@@ -28,7 +28,6 @@ on (fp16 + fp32 promotes), while the norms hand fp16 to the other projections.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re

@@ -37,7 +37,14 @@ from runs.distributed import Process, data_parallel, torchrun_ranks
 from runs.runner import NonFiniteError, OtherRunError
 
 ROOT = Path(__file__).resolve().parents[1]
-DRIVER = ROOT / "tests" / "run_prompts_driver.py"
+
+
+def sample_py(prompts: Path, folder: Path, *flags: str, steps: int = 6) -> list[str]:
+    """sample.py on a prompt file with the random Lumina-Next model, every AccelAes part on and its mask
+    built early enough for a few steps."""
+    return [str(ROOT / "sample.py"), "--prompts", str(prompts), "--output-dir", str(folder), "--height", "64",
+            "--width", "64", "--steps", str(steps), "--sparse", "--spatial-cfg", "--mask-step", "2", "--warmup", "2",
+            *flags]
 SIZE, STEPS, TOKENS = 64, 6, 64     # TOKENS: T5's and Gemma's longest prompt (FLUX's own 512 would be slow)
 ACCELAES = dict(sparse=True, spatial_cfg=True, mask_step=2, warmup=2)   # every part of the method in 6 steps
 # Five prompts of different lengths (Lumina-Next pads a batch to its longest), one with a negative prompt.
@@ -207,14 +214,14 @@ def free_port() -> int:
 
 def test_torchrun_two_processes_write_what_one_writes(tmp_path):
     prompts = write_prompt_file(tmp_path, 3)
-    common = [str(prompts), "--seeds", "0,1", "--batch-size", "2"]
-    alone = subprocess.run([sys.executable, str(DRIVER), *common[:1], str(tmp_path / "one"), *common[1:]],
+    flags = ["--seeds", "0,1", "--batch-size", "2"]
+    alone = subprocess.run([sys.executable, *sample_py(prompts, tmp_path / "one", *flags)],
                            capture_output=True, text=True, timeout=300, env=quiet_environment())
     assert alone.returncode == 0, alone.stderr
     environment = {**quiet_environment(), "GLOO_SOCKET_IFNAME": "lo"}    # loopback only
     ranks = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(DRIVER),
-                            *common[:1], str(tmp_path / "two"), *common[1:]],
+                            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+                            *sample_py(prompts, tmp_path / "two", *flags)],
                            capture_output=True, text=True, timeout=300, env=environment)
     assert ranks.returncode == 0, ranks.stderr
     assert "rank 0/2: 3 images to make" in ranks.stderr and "rank 1/2: 3 images to make" in ranks.stderr
@@ -231,7 +238,7 @@ def test_torchrun_two_processes_write_what_one_writes(tmp_path):
 def test_a_killed_run_resumes_with_the_missing_images_only(tmp_path, signal_number):
     prompts, folder = write_prompt_file(tmp_path, 4), tmp_path / "out"
     # 30 steps: slow enough that the signal lands before the last image.
-    command = [sys.executable, str(DRIVER), str(prompts), str(folder), "--seeds", "0,1", "--steps", "30"]
+    command = [sys.executable, *sample_py(prompts, folder, "--seeds", "0,1", steps=30)]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=quiet_environment())
     deadline = time.monotonic() + 240
     while not ((folder / MANIFEST).is_file() and len((folder / MANIFEST).read_text().splitlines()) >= 2):

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 import sample
+from cli.sample_args import load_anchors
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,14 +86,14 @@ def test_compare_and_save_mask(tmp_path, capsys):
 
 def test_anchor_file(tmp_path):
     with pytest.raises(sample.UsageError, match="--anchors .* does not exist"):
-        sample.load_anchors(tmp_path / "missing.txt")
+        load_anchors(tmp_path / "missing.txt")
     with pytest.raises(sample.UsageError, match="is a folder"):
-        sample.load_anchors(tmp_path)
+        load_anchors(tmp_path)
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
     with pytest.raises(sample.UsageError, match="latin1.txt is not UTF-8 text"):
-        sample.load_anchors(tmp_path / "latin1.txt")
+        load_anchors(tmp_path / "latin1.txt")
     (tmp_path / "anchors.txt").write_text("# mine\nglowing\n\nserene  # calm\n")
-    assert sample.load_anchors(tmp_path / "anchors.txt") == ("glowing", "serene")
+    assert load_anchors(tmp_path / "anchors.txt") == ("glowing", "serene")
 
 
 def test_prompt_file_images_equal_single_prompt_images(tmp_path):
@@ -109,30 +110,3 @@ def test_prompt_file_images_equal_single_prompt_images(tmp_path):
         assert sample.main(["--prompt", record["prompt"], "--seed", str(record["seed"]), "--output", str(single),
                             *common]) == 0
         assert np.array_equal(np.asarray(Image.open(single)), np.asarray(Image.open(tmp_path / "out" / record["file"])))
-
-
-def test_torchrun_shares_a_prompt_file(tmp_path):
-    """Two processes under torchrun (gloo on the CPU) write the images one process writes, and one
-    manifest that lists each exactly once."""
-    import socket
-    (tmp_path / "prompts.txt").write_text("a red fox\ntwo boats\na bowl of soup\n")
-    common = ["--prompts", str(tmp_path / "prompts.txt"), "--seeds", "0,1", "--height", "64", "--width", "64",
-              "--steps", "4", "--dense"]
-    with socket.socket() as probe:       # a free port on the loopback for the rendezvous
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    # Both runs with one thread a process, so that the same matmuls round the same way.
-    environment = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
-    for launcher, folder in (([], "one"), (["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                                           "127.0.0.1", "--master_port", str(port)], "two")):
-        result = subprocess.run([sys.executable, *launcher, str(ROOT / "sample.py"), *common, "--output-dir",
-                                 str(tmp_path / folder)], cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                                env=environment)
-        assert result.returncode == 0, result.stderr[-2000:]
-    one = sorted(p.name for p in (tmp_path / "one").glob("*.png"))
-    assert one == sorted(p.name for p in (tmp_path / "two").glob("*.png")) and len(one) == 6
-    for name in one:
-        assert np.array_equal(np.asarray(Image.open(tmp_path / "one" / name)),
-                              np.asarray(Image.open(tmp_path / "two" / name)))
-    files = [json.loads(line)["file"] for line in (tmp_path / "two" / "manifest.jsonl").read_text().splitlines()]
-    assert sorted(files) == one

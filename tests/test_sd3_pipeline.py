@@ -19,7 +19,6 @@ from PIL import Image
 
 import sample
 from accelaes import AccelAes, AccelAesConfig
-from models.checkpoint import CheckpointError
 from pipelines.sd3 import SD3Pipeline, SD3Settings
 from tests.common import randomize_, rel_err, save_state
 from tests.test_clip import write_vocab_and_merges
