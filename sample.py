@@ -26,11 +26,9 @@ import torch
 from accelaes import AccelAes, AestheticScorer
 from cli.checks import UsageError
 from cli.files import mask_picture, to_pil, write_png
-from cli.sample_args import DTYPES, accelaes_config, build_parser, check_args, extra_outputs, model_settings
+from cli.loading import load_embedder, load_pipeline
+from cli.sample_args import accelaes_config, build_parser, check_args, extra_outputs, model_settings
 from metrics.fidelity import psnr
-from models.clip import CLIPTokenizer, load_clip
-from pipelines import REGISTRY
-from pipelines.aesmask_inputs import clip_phrase_embedder
 from runs import data_parallel, run_jobs
 
 def progress_bar(done: int, total: int) -> None:
@@ -41,37 +39,6 @@ def progress_bar(done: int, total: int) -> None:
               file=sys.stderr, flush=True)
     elif done == total or done % max(1, total // 10) == 0:
         print(f"sampling: step {done}/{total}", file=sys.stderr, flush=True)
-
-
-def load_embedder(args: argparse.Namespace, pipeline):
-    """The CLIP phrase embedder for AesMask: --clip, or the pipeline's own CLIP-L (SD3, FLUX), or
-    a clip-vit-large-patch14/ folder in --weights; None (uniform token weights) without one."""
-    folder = args.clip
-    if folder is None and pipeline.aesmask_clip() is not None:
-        return clip_phrase_embedder(*pipeline.aesmask_clip())
-    if folder is None and args.weights is not None and (args.weights / "clip-vit-large-patch14").is_dir():
-        folder = args.weights / "clip-vit-large-patch14"
-    if folder is None:
-        return None
-    print(f"loading CLIP from {folder} for AesMask ...", file=sys.stderr)
-    model = load_clip(folder, dtype=torch.float32, device=args.device)
-    return clip_phrase_embedder(model, CLIPTokenizer.from_folder(folder))
-
-
-def load_pipeline(args: argparse.Namespace, say: bool = True):
-    """The pipeline on args.device; say: print what is loaded (under torchrun, the first process only)."""
-    pipeline = REGISTRY[args.model].pipeline
-    print_ = print if say else (lambda *a, **k: None)
-    if args.weights is None:
-        print_(f"No --weights given: running a small built-in {pipeline.title} model with RANDOM weights, so the "
-               "picture is noise. weights.md lists the released weights and where to download them.",
-               file=sys.stderr)
-        if args.text_device is not None:
-            print_("note: the built-in random model keeps its text encoders with it; --text-device is ignored",
-                   file=sys.stderr)
-        return pipeline.random(seed=0).to(args.device, DTYPES[args.dtype]), "built-in random model"
-    print_(f"loading {args.model} from {args.weights} ...", file=sys.stderr)
-    return pipeline.from_folder(args.weights, DTYPES[args.dtype], args.device, text_device=args.text_device), args.model
 
 
 def clock(device: str) -> float:

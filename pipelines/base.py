@@ -27,7 +27,6 @@ import torch
 from .sampling import BatchRows, cfg_negatives, check_size, classifier_free_guidance, sample_flow
 
 
-
 class Pipeline(ABC):
     """A backbone's released components and how a prompt becomes an image."""
 

@@ -68,14 +68,17 @@ class Summary:
 def run_jobs(pipeline: Pipeline, jobs: list[Job], output_dir: str | Path, *, settings, height: int, width: int,
              batch_size: int = 1, accelerator: Callable[[], AccelAes | None] | None = None,
              encode_first: bool = False, overwrite: bool = False, parameters: dict | None = None,
-             process: Process = Process(), stream: TextIO | None = None) -> Summary:
+             process: Process = Process(), stream: TextIO | None = None,
+             on_image: Callable[[Job, torch.Tensor, AccelAes | None, int], None] | None = None) -> Summary:
     """Generate the jobs' images into output_dir; every process of the run calls it with the same arguments.
 
     settings: the pipeline's settings; accelerator: makes a fresh AccelAes for each batch (None:
     dense); encode_first: encode every prompt of this process first, then free the text encoders
     before the transformer runs (their output waits on the CPU: FLUX-dev's T5 is 4 MB a prompt);
     overwrite: make every image again; parameters: what the caller knows of the run (model,
-    weights, dtype), written into every PNG and manifest line; stream: where progress goes (stderr)."""
+    weights, dtype), written into every PNG and manifest line; stream: where progress goes (stderr);
+    on_image(job, image [3, H, W], accel, row): called once each image is in place, with the
+    AccelAes that made it and its row in that batch (evaluate.py draws the mask pictures)."""
     if batch_size < 1:
         raise ValueError(f"batch size {batch_size}: give at least 1")
     started = time.perf_counter()
@@ -108,6 +111,8 @@ def run_jobs(pipeline: Pipeline, jobs: list[Job], output_dir: str | Path, *, set
                 record.update(seconds=seconds / len(batch), batch_size=len(batch), peak_memory_mb=peak,
                               rank=process.rank)
                 folder.add(to_pil(image), png, record)
+                if on_image is not None:
+                    on_image(job, image, accel, row)
                 progress.advance()
     except BaseException:            # Ctrl-C, an error: every file written so far is whole
         progress.interrupted()
