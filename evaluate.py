@@ -30,11 +30,11 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
 
-from cli.checks import UsageError, check_folder, check_number, check_text, check_writable_folder
+from cli.checks import UsageError, check_number, check_writable_folder
 from cli.loading import load_embedder, load_pipeline
-from cli.sample_args import NUMBER_RANGES, add_generation_flags, flag, model_settings
+from cli.sample_args import add_generation_flags, model_settings, parse_seeds
+from cli.sample_args import check_generation as check_shared_generation
 from evaluation.configs import CONFIGURATIONS, DENSE, Configuration, builds_mask, check_configuration, parse_configs
 from evaluation.generate import RunSettings, generate_all
 from evaluation.metric_flags import MetricPlan, add_metric_flags, check_metric_files, plan_metrics
@@ -44,13 +44,11 @@ from evaluation.scoring import score_all
 from evaluation.tables import markdown
 from metrics.registry import METRICS
 from pipelines import REGISTRY
-from pipelines.sampling import check_size
 from runs import Job, PromptFileError, data_parallel, make_jobs, read_prompts, seed_list
 from runs.outputs import write_whole
 
 ROOT = Path(__file__).resolve().parent
 PROMPTS = ROOT / "prompts" / "partiprompts-sample.txt"
-GENERATION_NUMBERS = ("seed", "steps", "guidance", "max_sequence_length", "shift", "scaling_watershed")
 OUTPUTS = ("results.jsonl", "summary.json", "summary.md", "report.html")
 
 
@@ -107,40 +105,14 @@ class Request:
     sort_by: str
 
 
-def parse_seeds(text: str) -> list[int]:
-    try:
-        return [int(part) for part in text.split(",")]
-    except ValueError:
-        raise UsageError(f"--seeds {text}: give whole numbers separated by commas, e.g. 0,1,2") from None
-
-
 def check_generation(args: argparse.Namespace) -> None:
-    """The flags that shape an image, as sample.py checks them."""
-    pipeline = REGISTRY[args.model].pipeline
-    check_text("--negative-prompt", args.negative_prompt)
-    for name in GENERATION_NUMBERS:
-        check_number(flag(name), getattr(args, name), **NUMBER_RANGES[name])
+    """The flags that shape an image, as sample.py checks them; and Euler, which AccelAes extrapolates."""
+    check_shared_generation(args)
     check_number("--images-per-prompt", args.images_per_prompt, at_least=1)
     check_number("--batch-size", args.batch_size, at_least=1)
-    args.height = args.height if args.height is not None else (1024 if args.weights else 256)
-    args.width = args.width if args.width is not None else args.height
-    args.dtype = args.dtype or ("bf16" if str(args.device).startswith("cuda") else "fp32")
-    try:
-        check_size(args.height, args.width, pipeline.title)
-    except ValueError as error:
-        raise UsageError(f"--{error}") from None
     settings = model_settings(args)
-    if args.negative_prompt and not (pipeline.classifier_free and settings.guidance > 1):
-        raise UsageError("--negative-prompt acts through classifier-free guidance, which this run has not: drop it")
     if getattr(settings, "solver", "euler") != "euler":
         raise UsageError(f"--solver {settings.solver}: AccelAes extrapolates Euler steps; drop it")
-    try:
-        torch.empty(0, device=args.device)
-    except (RuntimeError, AssertionError) as error:
-        raise UsageError(f"--device {args.device} is not usable here ({str(error).splitlines()[0]}); "
-                         "try --device cpu") from None
-    check_folder("--weights", args.weights, "the folder of released weights listed in weights.md")
-    check_folder("--clip", args.clip, "a CLIP ViT-L/14 text encoder folder (see weights.md)")
 
 
 def check_args(args: argparse.Namespace) -> Request:
@@ -149,7 +121,7 @@ def check_args(args: argparse.Namespace) -> Request:
     if args.seeds is not None and args.images_per_prompt is not None:
         raise UsageError("--seeds and --images-per-prompt both say how many seeds: give one of them")
     try:
-        seeds = seed_list(None if args.seeds is None else parse_seeds(args.seeds), args.images_per_prompt or 1,
+        seeds = seed_list(parse_seeds(args.seeds), args.images_per_prompt or 1,
                           args.seed if args.seed is not None else 0)
         jobs = make_jobs(read_prompts(args.prompts), seeds, args.negative_prompt or "")
         configurations = parse_configs(args.configs)

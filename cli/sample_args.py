@@ -229,11 +229,29 @@ def accelaes_config(args: argparse.Namespace) -> AccelAesConfig:
 def check_args(args: argparse.Namespace) -> None:
     """Refuse bad input before any model is loaded, so nothing is written half and no minutes of
     loading are lost to a typo."""
+    settings, guided = check_generation(args)
+    if args.prompts is None and args.output_dir is None:
+        idle = [name for name in PROMPT_FILE_FLAGS if getattr(args, name) is not None]
+        if idle:
+            raise UsageError(f"{flag(idle[0])} acts only with --prompts FILE --output-dir DIR: add them or drop it")
+        args.output = args.output or Path("outputs/sample.png")
+        for path in [args.output, *extra_outputs(args)]:
+            check_writable_file("--output", path, args.overwrite)
+        args.prompt = args.prompt if args.prompt is not None else "a photo of a cat"
+    else:
+        args.jobs = prompt_file_jobs(args)
+    check_method_flags(args, settings, guided)
+
+
+def check_generation(args: argparse.Namespace) -> tuple[object, bool]:
+    """What every tool that generates checks (sample.py, evaluate.py): text, numbers, the size
+    (filling in its defaults), a negative prompt that needs CFG, the device, the folders. Returns
+    the pipeline settings and whether CFG runs."""
     pipeline = REGISTRY[args.model].pipeline
     for name in ("prompt", "negative_prompt"):
-        check_text(flag(name), getattr(args, name))
+        check_text(flag(name), getattr(args, name, None))
     for name, bounds in NUMBER_RANGES.items():
-        check_number(flag(name), getattr(args, name), **bounds)
+        check_number(flag(name), getattr(args, name, None), **bounds)
     args.height = args.height if args.height is not None else (1024 if args.weights else 256)
     args.width = args.width if args.width is not None else args.height
     args.dtype = args.dtype or ("bf16" if str(args.device).startswith("cuda") else "fp32")
@@ -254,17 +272,15 @@ def check_args(args: argparse.Namespace) -> None:
                          "try --device cpu") from None
     check_folder("--weights", args.weights, "the folder of released weights listed in weights.md")
     check_folder("--clip", args.clip, "a CLIP ViT-L/14 text encoder folder (see weights.md)")
-    if args.prompts is None and args.output_dir is None:
-        idle = [name for name in PROMPT_FILE_FLAGS if getattr(args, name) is not None]
-        if idle:
-            raise UsageError(f"{flag(idle[0])} acts only with --prompts FILE --output-dir DIR: add them or drop it")
-        args.output = args.output or Path("outputs/sample.png")
-        for path in [args.output, *extra_outputs(args)]:
-            check_writable_file("--output", path, args.overwrite)
-        args.prompt = args.prompt if args.prompt is not None else "a photo of a cat"
-    else:
-        args.jobs = prompt_file_jobs(args)
-    check_method_flags(args, settings, guided)
+    return settings, guided
+
+
+def parse_seeds(text: str | None) -> list[int] | None:
+    """--seeds 0,1,2 as a list (None when not given)."""
+    try:
+        return None if text is None else [int(seed) for seed in text.split(",")]
+    except ValueError:
+        raise UsageError(f"--seeds {text}: give whole numbers separated by commas, e.g. 0,1,2") from None
 
 
 def prompt_file_jobs(args: argparse.Namespace) -> list:
@@ -278,10 +294,7 @@ def prompt_file_jobs(args: argparse.Namespace) -> list:
                          "file dense against AccelAes): drop it")
     if args.seeds is not None and args.images_per_prompt is not None:
         raise UsageError("--seeds and --images-per-prompt both say which seeds to use: give one of them")
-    try:
-        seeds = None if args.seeds is None else [int(seed) for seed in args.seeds.split(",")]
-    except ValueError:
-        raise UsageError(f"--seeds {args.seeds}: give whole numbers separated by commas, e.g. 0,1,2") from None
+    seeds = parse_seeds(args.seeds)
     if args.output_dir.exists() and not args.output_dir.is_dir():
         raise UsageError(f"--output-dir {args.output_dir} is a file: give a folder")
     check_writable_folder("--output-dir", args.output_dir)
