@@ -6,25 +6,42 @@ warm-up, as the median of repeated runs.
     python benchmark.py --model sd3          # SD3-Medium widths, 1 block, 512x512, 28 steps, CFG
     python benchmark.py --model flux         # FLUX.1-dev widths, 1+1 blocks, 512x512, 28 steps
     python benchmark.py --layers 4 --repeats 5 --ablations --json results.json
+    python benchmark.py --peers              # + the same weights in diffusers: dense, and its cache hooks
+    python benchmark.py --compile            # + the dense and AccelAes rows again under torch.compile
     python benchmark.py --batch 4            # images per second at batch sizes 1, 2, 4, dense and AccelAes
+    python benchmark.py --device cuda --layers full --size 1024 --dtype bf16    # the released depth, on a GPU
 
 The transformer has the released widths (each pipeline's `random(layers=N)`: Lumina-Next-T2I
 2304 wide, SD3-Medium 1536, FLUX.1 3072) with fewer layers and random weights, so it fits a
-CPU; every layer costs the same, so the ratios carry over to the full depth. The text encoders
-are small, with the output widths and token counts the transformer reads (Lumina-Next: a
-2-layer Gemma of the real width; SD3: 77 CLIP + 256 T5 tokens; FLUX: 512 T5 tokens); the VAE
-is a small random one. Text encoding and decoding are reported apart, not in the speedup. With
-random weights the fidelity columns test the machinery, not picture quality.
+CPU; every layer costs the same, so the ratios of AccelAes' rows carry over to the full depth.
+`--layers full` builds the released depth instead (Lumina-Next 24 layers, SD3-Medium 24 blocks,
+FLUX.1 19 + 38), on the meta device and then with random weights drawn on the target device
+itself: no copy of it is ever made on the CPU. The text encoders are small, with the output
+widths and token counts the transformer reads (Lumina-Next: a 2-layer Gemma of the real width;
+SD3: 77 CLIP + 256 T5 tokens; FLUX: 512 T5 tokens); the VAE is a small random one. Text encoding
+and decoding are reported apart, not in the speedup. With random weights the fidelity columns
+test the machinery, not picture quality.
 
-Columns: seconds of sampling (median), speedup over dense, the schedule's theoretical ratio
-T / (dense + sparse x the FLOP ratio of a sparse evaluation), evaluations dense/sparse/
-extrapolated, seconds spent building the mask, peak memory above the start of the run, and
-PSNR of the decoded image and relative L2 of the final latent against dense.
+Columns: seconds of sampling (median), speedup over our dense row, the theoretical ratio (ours:
+T / (dense + sparse x the FLOP ratio of a sparse evaluation); diffusers' cache hooks: the dense
+run's Linear FLOPs over theirs, counted on every nn.Linear), model evaluations (ours: dense/
+sparse/extrapolated; diffusers: calls and the share of dense Linear FLOPs they did), seconds
+spent building the mask, peak memory of the run (the weights included: on CUDA the allocator's
+max_memory_allocated, on the CPU the process's resident anonymous memory, sampled), and PSNR of
+the decoded image and relative L2 of the final latent against our dense row.
+
+--peers (diffusers installed, see benchmark_peers.py) adds the same weights run by diffusers'
+transformer classes through the same loop: dense, and each of diffusers' cache hooks that runs on
+the backbone, at its documented defaults; the ones that cannot run are named with the reason.
+With fewer layers than released, FirstBlockCache (which always computes its first block) saves
+less than at full depth. --json writes strict JSON (an infinite PSNR is null, with a note).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import statistics
 import sys
@@ -35,6 +52,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from accelaes import TOKEN_WEIGHTINGS, AccelAes, AccelAesConfig, SkipSparse, build_focus_mask
@@ -82,16 +100,25 @@ def benchmark_rows(defaults: AccelAesConfig, ablations: bool) -> dict[str, Accel
 
 
 class PeakMemory:
-    """Peak memory above the start of a block: the CUDA allocator's own count, or on the CPU the
-    resident set sampled every few milliseconds."""
+    """The peak memory of a block of code, the weights and everything else in it included: on CUDA
+    the allocator's max_memory_allocated; on the CPU the process's resident anonymous memory
+    (RssAnon of /proc/self/status), sampled every few milliseconds by a thread. `bytes` is that
+    peak, `growth` its excess over the start (what the block itself held at most); both are None
+    where neither can be read (a CPU without /proc)."""
 
     def __init__(self, device: str):
         self.cuda = device.startswith("cuda")
 
     @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as statm:
-            return int(statm.read().split()[1]) * 4096
+    def rss_anon() -> int | None:
+        try:
+            with open("/proc/self/status") as status:
+                for line in status:
+                    if line.startswith("RssAnon:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return None
 
     def __enter__(self):
         if self.cuda:
@@ -99,25 +126,37 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.start = torch.cuda.memory_allocated()
         else:
-            self.start = self.peak = self._rss()
-            self.running = True
+            release_free_memory()
+            self.peak = self.start = self.rss_anon()
+            self.running = self.peak is not None
             self.thread = threading.Thread(target=self._watch, daemon=True)
             self.thread.start()
         return self
 
     def _watch(self):
         while self.running:
-            self.peak = max(self.peak, self._rss())
+            self.peak = max(self.peak, self.rss_anon())
             time.sleep(0.005)
 
     def __exit__(self, *exc):
         if self.cuda:
             torch.cuda.synchronize()
-            self.bytes = torch.cuda.max_memory_allocated() - self.start
+            self.bytes = torch.cuda.max_memory_allocated()
         else:
             self.running = False
             self.thread.join()
-            self.bytes = max(self.peak, self._rss()) - self.start
+            self.bytes = None if self.peak is None else max(self.peak, self.rss_anon())
+        self.growth = None if self.bytes is None else self.bytes - self.start
+
+
+def release_free_memory() -> None:
+    """Hand the C heap's free pages back to the system (glibc's malloc_trim), so that a row's peak
+    counts the memory it holds and not what an earlier row freed; a no-op without glibc."""
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def clock(device: str) -> float:
@@ -127,15 +166,56 @@ def clock(device: str) -> float:
     return time.perf_counter()
 
 
-def run_row(pipeline, config, settings, size, device):
-    """One timed sampling run: (seconds, final latents, the AccelAes state or None, peak bytes)."""
+def peak_megabytes(memories: list[PeakMemory]) -> dict:
+    """The largest of several runs' peaks and growths (PeakMemory), in MB (None where unknown)."""
+    def largest(values):
+        known = [value for value in values if value is not None]
+        return max(known) / 2 ** 20 if known else None
+    return {"peak_memory_mb": largest([m.bytes for m in memories]),
+            "peak_growth_mb": largest([m.growth for m in memories])}
+
+
+# ---- building the pipeline --------------------------------------------------------------------
+
+def materialise(factory: Callable[[], nn.Module], device: str, dtype: torch.dtype, seed: int = 0) -> nn.Module:
+    """The module `factory` builds, built on the meta device (no memory), then given storage on
+    `device` in `dtype` and random weights drawn there as pipelines/random_parts.py draws them
+    (std 0.02; 1-D norm weights around 1): a full-size model never exists in fp32 on the CPU."""
+    with torch.device("meta"):
+        module = factory()
+    module = module.to(dtype=dtype).to_empty(device=device)
+    generator = torch.Generator(device).manual_seed(seed)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if param.dim() == 1 and "norm" in name:
+                param.normal_(1.0, 0.1, generator=generator)
+            else:
+                param.normal_(0.0, 0.02, generator=generator)
+    return module.requires_grad_(False).eval()
+
+
+def build_pipeline(backbone, layers: int | str | None, device: str, dtype: torch.dtype, seed: int = 0):
+    """The backbone's random pipeline on `device`: tiny (layers None), the released widths with
+    `layers` layers, or (layers "full") the released model, whose parameters' defaults are the
+    release's, materialised on the device. Its text encoders and VAE are those of the 1-layer
+    pipeline (the widths the transformer reads), whose own transformer is replaced."""
+    pipeline = backbone.pipeline.random(seed=seed, layers=1 if layers == "full" else layers)
+    if layers == "full":
+        small = pipeline.transformer
+        pipeline.transformer = materialise(lambda: type(small)(type(small.params)()), device, dtype, seed)
+        del small
+    return pipeline.to(device, dtype)
+
+
+# ---- our rows ---------------------------------------------------------------------------------
+
+def run_row(pipeline, config, settings, reference: "Reference"):
+    """One timed sampling run: (seconds, final latents, the AccelAes state or None, its PeakMemory)."""
     accel = AccelAes.create(config) if config is not None else None
-    generation = pipeline.prepare([PROMPT], seed=0, height=size, width=size, settings=settings, accelerator=accel)
-    with PeakMemory(device) as memory:
-        started = clock(device)
-        latents = pipeline.denoise(generation, accel)
-        seconds = clock(device) - started
-    return seconds, latents, accel, memory.bytes
+    generation = pipeline.prepare([PROMPT], seed=0, height=reference.size, width=reference.size, settings=settings,
+                                  accelerator=accel)
+    seconds, latents, memory = reference.timed(lambda: pipeline.denoise(generation, accel))
+    return seconds, latents, accel, memory
 
 
 def flop_ratio(pipeline, settings, size, sparse_ffn: bool) -> float:
@@ -149,13 +229,81 @@ def flop_ratio(pipeline, settings, size, sparse_ffn: bool) -> float:
                              text_tokens=pipeline.text_tokens(generation.text), batch=batch, sparse_ffn=sparse_ffn)
 
 
+class Reference:
+    """Our dense row (its seconds, final latents and decoded image), which every row is compared
+    with, and the measures every row takes: a timed run, its peak memory, the decoding."""
+
+    def __init__(self, pipeline, size: int, device: str):
+        self.pipeline, self.size, self.device = pipeline, size, device
+        self.latents = self.image = self.seconds = None
+
+    def timed(self, run: Callable[[], torch.Tensor]) -> tuple[float, torch.Tensor, PeakMemory]:
+        """(seconds, result, PeakMemory) of run(), the clock read once the device is done."""
+        with PeakMemory(self.device) as memory:
+            started = clock(self.device)
+            result = run()
+            seconds = clock(self.device) - started
+        return seconds, result, memory
+
+    @staticmethod
+    def memory(memories: list[PeakMemory]) -> dict:
+        """The largest of several runs' peaks and growths, in MB (None where unknown)."""
+        return peak_megabytes(memories)
+
+    def decode(self, latents: torch.Tensor) -> tuple[torch.Tensor, float]:
+        started = clock(self.device)
+        image = self.pipeline.decode(latents, (self.size, self.size))
+        return image, clock(self.device) - started
+
+    def fidelity(self, latents: torch.Tensor, image: torch.Tensor) -> dict:
+        """PSNR of the image (None when it equals the dense one: JSON has no infinity) and the
+        relative L2 of the final latent, against our dense row."""
+        mse = (image - self.image).pow(2).mean().item()
+        psnr = None if mse == 0 else -10 * torch.log10(torch.tensor(mse)).item()
+        reference = self.latents.float()
+        return {"psnr_db": psnr, "psnr_note": "identical images: PSNR is infinite" if psnr is None else None,
+                "latent_rel_l2": ((latents.float() - reference).norm() / reference.norm()).item()}
+
+
+def measure_rows(pipeline, rows: dict, settings, repeats: int, ratios: dict, reference: Reference,
+                 suffix: str = "") -> list[dict]:
+    """Each row warmed up (every code path once, untimed), then timed `repeats` times."""
+    warm = replace(settings, steps=8)
+    for config in rows.values():
+        run_row(pipeline, config and replace(config, warmup=2, mask_step=2), warm, reference)
+    results = []
+    for name, config in rows.items():
+        runs = [run_row(pipeline, config, settings, reference) for _ in range(repeats)]
+        seconds = statistics.median(r[0] for r in runs)
+        _, latents, accel, _ = runs[-1]
+        image, decode_seconds = reference.decode(latents)
+        if reference.latents is None:      # the first row of the table: our dense run
+            reference.latents, reference.image, reference.seconds = latents, image, seconds
+        stats = accel.stats if accel else None
+        dense, sparse, skipped = (stats.dense, stats.sparse, stats.extrapolated) if stats else (settings.steps, 0, 0)
+        results.append({
+            "row": name + suffix, "kind": "ours", "seconds": seconds, "all_seconds": [r[0] for r in runs],
+            "speedup": reference.seconds / seconds,
+            "theoretical": settings.steps / (dense + sparse * ratios[config is None or config.sparse_ffn]),
+            "evaluations": f"{dense}/{sparse}/{skipped}", "dense": dense, "sparse": sparse, "extrapolated": skipped,
+            "mask_seconds": stats.mask_seconds if stats else 0.0,
+            **reference.memory([r[3] for r in runs]),
+            **reference.fidelity(latents, image), "decode_seconds": decode_seconds,
+        })
+        print(f"  {name + suffix}: {seconds:.2f} s", file=sys.stderr)
+    return results
+
+
+# ---- the command line -------------------------------------------------------------------------
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(REGISTRY), default="lumina-next",
                         help="which backbone's widths to measure (default: %(default)s)")
-    parser.add_argument("--layers", type=int, default=1,
-                        help="transformer layers / blocks (FLUX: double and single each; default: 1)")
+    parser.add_argument("--layers", type=layers_arg, default=1,
+                        help="transformer layers / blocks (FLUX: double and single each), or 'full': the "
+                             "released depth, built on the target device (default: 1)")
     parser.add_argument("--tiny", action="store_true",
                         help="a tiny random transformer instead of the released widths: checks the machinery in "
                              "seconds, measures nothing")
@@ -171,87 +319,102 @@ def parse_args(argv):
     parser.add_argument("--token-weighting", choices=TOKEN_WEIGHTINGS, default="aesthetic",
                         help="AesMask's token weights in every AccelAes row (the random text encoders make this "
                              "change the mask, not the speed; default: %(default)s)")
+    parser.add_argument("--peers", action="store_true",
+                        help="add the same weights run by diffusers: dense and with its cache hooks (needs diffusers)")
+    parser.add_argument("--compile", action="store_true",
+                        help="add the dense and AccelAes rows again with the transformer under torch.compile")
     parser.add_argument("--json", type=Path, default=None, help="also write the table to this JSON file")
     parser.add_argument("--batch", type=int, default=None,
                         help="measure throughput instead: images per second, dense and with AccelAes (the "
                              "backbone's defaults), at batch sizes 1, 2, 4, ... up to this one")
     args = parser.parse_args(argv)
-    if args.layers < 1 or args.repeats < 1 or args.size % 16 or args.size < 64:
-        parser.error("--layers and --repeats must be at least 1, --size a multiple of 16 (at least 64)")
+    if args.repeats < 1 or args.size % 16 or args.size < 64:
+        parser.error("--repeats must be at least 1, --size a multiple of 16 (at least 64)")
     if args.batch is not None and args.batch < 1:
         parser.error(f"--batch {args.batch}: give at least 1")
+    if args.tiny and args.layers == "full":
+        parser.error("--tiny and --layers full contradict each other: choose one")
+    if args.batch is not None and (args.peers or args.compile):
+        parser.error("--batch measures throughput alone: drop --peers and --compile")
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
     return args
 
 
+def layers_arg(text: str) -> int | str:
+    """--layers: a positive whole number, or 'full'."""
+    if text == "full":
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number of layers (1 or more) nor 'full'")
+    return int(text)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.peers:
+        try:
+            import benchmark_peers  # diffusers is imported there, and only there
+            benchmark_peers.import_diffusers()
+        except ImportError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
     backbone = REGISTRY[args.model]
-    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
-    layers = None if args.tiny else args.layers
-    pipeline = backbone.pipeline.random(seed=0, layers=layers).to(args.device, DTYPES[args.dtype])
+    device_name = (torch.cuda.get_device_name() if args.device.startswith("cuda")
+                   else f"CPU, {torch.get_num_threads()} threads")
+    pipeline = build_pipeline(backbone, None if args.tiny else args.layers, args.device, DTYPES[args.dtype])
     settings = pipeline.resolve(backbone.pipeline.Settings())
     settings = replace(settings, steps=args.steps or settings.steps)
-    rows = benchmark_rows(AccelAesConfig(**backbone.accelaes, token_weighting=args.token_weighting), args.ablations)
     tokens = pipeline.token_grid(args.size, args.size)
-    print(f"{pipeline.title} {'tiny' if args.tiny else 'widths'}, {args.layers} layer(s), {args.size}x{args.size} ({tokens[0] * tokens[1]} tokens), "
-          f"{settings.steps} steps, guidance {settings.guidance}, {args.dtype}, on {device_name}", file=sys.stderr)
+    depth = "tiny" if args.tiny else "released depth" if args.layers == "full" else f"{args.layers} layer(s)"
+    print(f"{pipeline.title} {'tiny' if args.tiny else 'widths'}, {depth}, {args.size}x{args.size} "
+          f"({tokens[0] * tokens[1]} tokens), {settings.steps} steps, guidance {settings.guidance}, {args.dtype}, "
+          f"on {device_name}", file=sys.stderr)
+    report = {"model": args.model, "device": device_name, "layers": "tiny" if args.tiny else args.layers,
+              "size": args.size, "steps": settings.steps, "dtype": args.dtype, "repeats": args.repeats}
+    config = AccelAesConfig(**backbone.accelaes, token_weighting=args.token_weighting)
     if args.batch is not None:
-        config = AccelAesConfig(**backbone.accelaes, token_weighting=args.token_weighting)
-        results = throughput(pipeline, config, settings, args.size, args.device, args.batch, args.repeats)
-        print_throughput(results)
-        if args.json:
-            args.json.write_text(json.dumps({"model": args.model, "device": device_name, "layers": args.layers,
-                                             "size": args.size, "steps": settings.steps, "dtype": args.dtype,
-                                             "repeats": args.repeats, "throughput": results}, indent=2))
-        return 0
+        report["throughput"] = throughput(pipeline, config, settings, args.size, args.device, args.batch, args.repeats)
+        print_throughput(report["throughput"])
+    else:
+        report.update(run_table(args, pipeline, settings, config))
+        print_table(report["rows"])
+        for skipped in report["peers_not_run"]:
+            print(f"diffusers {skipped['row']}: not run: {skipped['reason']}")
+        print(f"text encoding {report['text_seconds']:.2f} s and VAE decoding "
+              f"{report['rows'][0]['decode_seconds']:.2f} s per image are not in the sampling seconds.")
+    if args.json:
+        write_json(args.json, report)
+    return 0
 
+
+def run_table(args, pipeline, settings, config: AccelAesConfig) -> dict:
+    """Every row of the table, and what they share: our rows, then the compiled ones, then diffusers'."""
     started = clock(args.device)
     pipeline.prepare([PROMPT], seed=0, height=args.size, width=args.size, settings=settings)
     text_seconds = clock(args.device) - started
     ratios = {sparse_ffn: flop_ratio(pipeline, settings, args.size, sparse_ffn) for sparse_ffn in (True, False)}
     print(f"a sparse evaluation does {ratios[True]:.1%} of a dense one's matmul FLOPs "
           f"({ratios[False]:.1%} with attention-only SkipSparse)", file=sys.stderr)
+    reference = Reference(pipeline, args.size, args.device)
+    rows = measure_rows(pipeline, benchmark_rows(config, args.ablations), settings, args.repeats, ratios, reference)
+    if args.compile:
+        pipeline.transformer.compile()      # compiled at the first call of each row's warm-up
+        rows += measure_rows(pipeline, {"dense": None, "AccelAes": config}, settings, args.repeats, ratios,
+                             reference, suffix=" (compiled)")
+    skipped = []
+    if args.peers:
+        import benchmark_peers
+        generation = pipeline.prepare([PROMPT], seed=0, height=args.size, width=args.size, settings=settings)
+        peer_rows, skipped = benchmark_peers.measure(pipeline, args.model, generation, args.repeats, reference)
+        rows += peer_rows
+    return {"text_seconds": text_seconds, "sparse_flop_ratio": ratios[True], "attention_only_flop_ratio": ratios[False],
+            "rows": rows, "peers_not_run": skipped}
 
-    warm = replace(settings, steps=8)  # every code path once, untimed
-    for config in rows.values():
-        run_row(pipeline, config and replace(config, warmup=2, mask_step=2), warm, args.size, args.device)
 
-    results = []
-    for name, config in rows.items():
-        runs = [run_row(pipeline, config, settings, args.size, args.device) for _ in range(args.repeats)]
-        seconds = statistics.median(r[0] for r in runs)
-        _, latents, accel, _ = runs[-1]
-        started = clock(args.device)
-        image = pipeline.decode(latents, (args.size, args.size))
-        decode_seconds = clock(args.device) - started
-        stats = accel.stats if accel else None
-        dense, sparse, skipped = (stats.dense, stats.sparse, stats.extrapolated) if stats else (settings.steps, 0, 0)
-        if config is None:
-            dense_seconds, dense_latents, dense_image = seconds, latents, image
-        mse = (image - dense_image).pow(2).mean().item()
-        results.append({
-            "row": name, "seconds": seconds, "all_seconds": [r[0] for r in runs],
-            "speedup": dense_seconds / seconds,
-            "theoretical": settings.steps / (dense + sparse * ratios[config is None or config.sparse_ffn]),
-            "dense": dense, "sparse": sparse, "extrapolated": skipped,
-            "mask_seconds": stats.mask_seconds if stats else 0.0,
-            "peak_memory_mb": max(r[3] for r in runs) / 2 ** 20,
-            "psnr_db": float("inf") if mse == 0 else -10 * torch.log10(torch.tensor(mse)).item(),
-            "latent_rel_l2": ((latents.float() - dense_latents.float()).norm() / dense_latents.float().norm()).item(),
-            "decode_seconds": decode_seconds,
-        })
-        print(f"  {name}: {seconds:.2f} s", file=sys.stderr)
-
-    print_table(results)
-    print(f"text encoding {text_seconds:.2f} s and VAE decoding {results[0]['decode_seconds']:.2f} s per image are "
-          "not in the sampling seconds.")
-    if args.json:
-        args.json.write_text(json.dumps({"model": args.model, "device": device_name, "layers": args.layers,
-                                         "size": args.size, "steps": settings.steps, "dtype": args.dtype,
-                                         "repeats": args.repeats, "sparse_flop_ratio": ratios[True],
-                                         "attention_only_flop_ratio": ratios[False], "rows": results}, indent=2))
-    return 0
+def write_json(path: Path, report: dict) -> None:
+    """Strict JSON: allow_nan=False refuses NaN and infinity, which JSON does not have (an infinite
+    PSNR is written as null, with a note), so a mistake fails here instead of in a reader."""
+    path.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
 
 
 # Distinct prompts, so that each sample of a batch builds its own mask.
@@ -269,7 +432,7 @@ def batch_sizes(largest: int) -> list[int]:
 
 def run_batch(pipeline, prompts: list[str], config: AccelAesConfig | None, settings, size: int,
               device: str) -> tuple[float, int]:
-    """One timed sampling run of a batch, prompt b with seed b: (seconds, peak bytes)."""
+    """One timed sampling run of a batch, prompt b with seed b: (seconds, its PeakMemory)."""
     accel = AccelAes.create(config) if config is not None else None
     generation = pipeline.prepare(prompts, seed=list(range(len(prompts))), height=size, width=size,
                                   settings=settings, accelerator=accel)
@@ -277,7 +440,7 @@ def run_batch(pipeline, prompts: list[str], config: AccelAesConfig | None, setti
         started = clock(device)
         pipeline.denoise(generation, accel)
         seconds = clock(device) - started
-    return seconds, memory.bytes
+    return seconds, memory
 
 
 def throughput(pipeline, config: AccelAesConfig, settings, size: int, device: str, largest: int,
@@ -293,7 +456,7 @@ def throughput(pipeline, config: AccelAesConfig, settings, size: int, device: st
             runs = [run_batch(pipeline, prompts, row_config, settings, size, device) for _ in range(repeats + 1)][1:]
             seconds = statistics.median(r[0] for r in runs)
             results.append({"batch": batch, "row": name, "seconds": seconds, "images_per_second": batch / seconds,
-                            "peak_memory_mb": max(r[1] for r in runs) / 2 ** 20})
+                            **peak_megabytes([r[1] for r in runs])})
             print(f"  batch {batch}, {name}: {seconds:.2f} s", file=sys.stderr)
     for result in results:
         same_row = [r for r in results if r["row"] == result["row"] and r["batch"] == 1][0]
@@ -307,16 +470,23 @@ def print_throughput(results: list[dict]) -> None:
     print(f"{'batch':>5}  {'row':<10}{'seconds':>9}{'images/s':>10}{'vs dense':>10}{'vs batch 1':>12}{'peak MB':>9}")
     for r in results:
         print(f"{r['batch']:>5}  {r['row']:<10}{r['seconds']:>9.2f}{r['images_per_second']:>10.3f}"
-              f"{r['over_dense']:>9.2f}x{r['over_batch_1']:>11.2f}x{r['peak_memory_mb']:>9.0f}")
+              f"{r['over_dense']:>9.2f}x{r['over_batch_1']:>11.2f}x{_cell(r['peak_memory_mb'], '.0f', 9)}")
+
+
+def _cell(value, form: str, width: int) -> str:
+    return f"{'-':>{width}}" if value is None else f"{value:>{width}{form}}"
 
 
 def print_table(results: list[dict]) -> None:
-    print(f"{'row':<38}{'seconds':>9}{'speedup':>9}{'theory':>8}  {'dense/sparse/extrap':<20}{'mask s':>8}"
-          f"{'peak MB':>9}{'PSNR dB':>9}{'latent L2':>11}")
+    print(f"{'row':<38}{'seconds':>9}{'speedup':>9}{'theory':>8}  {'evaluations':<22}{'mask s':>8}"
+          f"{'peak MB':>9}{'+MB':>7}{'PSNR dB':>9}{'latent L2':>11}")
     for r in results:
-        counts = f"{r['dense']}/{r['sparse']}/{r['extrapolated']}"
-        print(f"{r['row']:<38}{r['seconds']:>9.2f}{r['speedup']:>8.2f}x{r['theoretical']:>7.2f}x  {counts:<20}"
-              f"{r['mask_seconds']:>8.3f}{r['peak_memory_mb']:>9.0f}{r['psnr_db']:>9.2f}{r['latent_rel_l2']:>11.4f}")
+        psnr = "inf" if r["psnr_db"] is None else f"{r['psnr_db']:.2f}"
+        theory = "-" if r["theoretical"] is None else f"{r['theoretical']:.2f}x"
+        print(f"{r['row']:<38}{r['seconds']:>9.2f}{r['speedup']:>8.2f}x{theory:>8}  "
+              f"{r['evaluations']:<22}{r['mask_seconds']:>8.3f}{_cell(r['peak_memory_mb'], '.0f', 9)}"
+              f"{_cell(r['peak_growth_mb'], '.0f', 7)}{psnr:>9}"
+              f"{r['latent_rel_l2']:>11.4f}")
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import AttentionProbe, attention, merge_heads, split_heads
-from .layers import IncrementBlock, apply_rope, gather_rows, rms_normalize, timestep_sinusoids
+from .layers import IncrementBlock, apply_rope, gather_rows, gelu_tanh_, modulate_, rms_normalize, timestep_sinusoids
 from .checkpoint import Checkpoint, load_model
 from .flux_params import FluxParams, flux_layout
 
@@ -131,8 +131,9 @@ class RMSNorm(nn.Module):
         self.scale = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        # The result stays in x's dtype even if the scale is wider (BFL casts q and k back likewise).
-        return rms_normalize(x, self.eps) * self.scale.type_as(x)
+        # The result stays in x's dtype even if the scale is wider (BFL casts q and k back likewise);
+        # the scale is applied in place, to the normalised copy.
+        return rms_normalize(x, self.eps).mul_(self.scale.type_as(x))
 
 
 class QKNorm(nn.Module):
@@ -152,6 +153,10 @@ class ModulationOut(NamedTuple):
 
     def modulate(self, x: Tensor) -> Tensor:
         return (1 + self.scale) * x + self.shift
+
+    def modulate_(self, x: Tensor) -> Tensor:
+        """`modulate` in place, for a temporary x (a norm's output): no copy of the tokens."""
+        return modulate_(x, self.shift, self.scale)
 
 
 class Modulation(nn.Module):
@@ -175,6 +180,12 @@ def _mlp(dim: int, hidden: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
 
 
+def _run_mlp(mlp: nn.Sequential, x: Tensor) -> Tensor:
+    """`mlp(x)` with the GELU applied in place to the first linear's output (a temporary as wide as
+    the MLP: no second copy of it)."""
+    return mlp[2](gelu_tanh_(mlp[0](x)))
+
+
 BlockRunner = Callable[[int, nn.Module, Tensor, "StepInputs"], Tensor]
 
 
@@ -185,6 +196,7 @@ class StepInputs:
     text_tokens: int                     # L: rows 0..L-1 of the token tensor are text, the rest image
     rope: tuple[Tensor, Tensor]          # cos, sin [L+N, head_dim/2] fp32, one row per token
     probe: AttentionProbe | None = None  # shown every double block's image-to-text attention
+    adaln: tuple | ModulationOut | None = None  # set per block: its modulation (IncrementBlock.adaln), once
 
     def rope_rows(self, focus: Tensor | None) -> tuple[Tensor, Tensor]:
         """The RoPE rows of the tokens listed in focus [B, F] ([B, 1, F, head_dim/2]), all rows if None."""
@@ -236,6 +248,10 @@ class DoubleStreamBlock(IncrementBlock):
         self.txt_norm2 = _layer_norm(p.hidden)
         self.txt_mlp = _mlp(p.hidden, p.mlp_hidden)
 
+    def adaln(self, step: StepInputs) -> tuple[tuple[ModulationOut, ...], tuple[ModulationOut, ...]]:
+        """The text and the image stream's modulations, each (attention's triple, MLP's triple)."""
+        return self.txt_mod(step.vec), self.img_mod(step.vec)
+
     def attention_increment(self, tokens: Tensor, step: StepInputs, focus: Tensor | None = None) -> Tensor:
         """What the joint attention adds to the rows of tokens [B, L+N, D] listed in focus [B, F]
         ([B, F, D]), every row when focus is None. focus lists all text rows 0..L-1 first, then
@@ -245,9 +261,9 @@ class DoubleStreamBlock(IncrementBlock):
         """
         L = step.text_tokens
         txt, img = tokens[:, :L], tokens[:, L:]
-        txt_mod, img_mod = self.txt_mod(step.vec)[0], self.img_mod(step.vec)[0]
-        txt_h = txt_mod.modulate(self.txt_norm1(txt))
-        img_h = img_mod.modulate(self.img_norm1(img))
+        (txt_mod, _), (img_mod, _) = self.modulation_in(step)
+        txt_h = txt_mod.modulate_(self.txt_norm1(txt))
+        img_h = img_mod.modulate_(self.img_norm1(img))
 
         txt_k, txt_v = self.txt_attn.keys_values(txt_h)
         img_k, img_v = self.img_attn.keys_values(img_h)
@@ -260,17 +276,17 @@ class DoubleStreamBlock(IncrementBlock):
         q = apply_rope(q, *step.rope_rows(focus))
         # The probe sees the image queries against the (T5) text keys, softmax over the text alone.
         o = merge_heads(attention(q, k, v, probe=step.probe, probe_span=(slice(L, None), slice(0, L))))
-        return torch.cat([txt_mod.gate * self.txt_attn.proj(o[:, :L]), img_mod.gate * self.img_attn.proj(o[:, L:])],
-                         dim=1)
+        return torch.cat([self.txt_attn.proj(o[:, :L]).mul_(txt_mod.gate),
+                          self.img_attn.proj(o[:, L:]).mul_(img_mod.gate)], dim=1)
 
     def ffn_increment(self, rows: Tensor, attended: Tensor, step: StepInputs) -> Tensor:
         """What the MLPs add to token rows (text rows first) given their attention increments:
         gate2 * mlp(modulated norm2(rows + attended)), token-wise (Eq. 10)."""
         L = step.text_tokens
-        txt_mod, img_mod = self.txt_mod(step.vec)[1], self.img_mod(step.vec)[1]
+        (_, txt_mod), (_, img_mod) = self.modulation_in(step)
         u = rows + attended
-        txt = txt_mod.gate * self.txt_mlp(txt_mod.modulate(self.txt_norm2(u[:, :L])))
-        img = img_mod.gate * self.img_mlp(img_mod.modulate(self.img_norm2(u[:, L:])))
+        txt = _run_mlp(self.txt_mlp, txt_mod.modulate_(self.txt_norm2(u[:, :L]))).mul_(txt_mod.gate)
+        img = _run_mlp(self.img_mlp, img_mod.modulate_(self.img_norm2(u[:, L:]))).mul_(img_mod.gate)
         return torch.cat([txt, img], dim=1)
 
 
@@ -284,42 +300,63 @@ class SingleStreamBlock(IncrementBlock):
         self.linear1 = nn.Linear(p.hidden, 3 * p.hidden + p.mlp_hidden)
         self.linear2 = nn.Linear(p.hidden + p.mlp_hidden, p.hidden)
         self.norm = QKNorm(p.head_dim)
-        self.pre_norm = _layer_norm(p.hidden)
-        self.mlp_act = nn.GELU(approximate="tanh")
+        self.pre_norm = _layer_norm(p.hidden)      # the MLP's activation: gelu_tanh_, in _mlp
         self.modulation = Modulation(p.hidden, double=False)
 
     def _part(self, h: Tensor, begin: int, end: int) -> Tensor:
         return F.linear(h, self.linear1.weight[begin:end], self.linear1.bias[begin:end])
 
-    def attention_increment(self, tokens: Tensor, step: StepInputs, focus: Tensor | None = None) -> Tensor:
-        """The attention's share of what the block adds to the rows of tokens [B, L+N, D] listed in
-        focus [B, F] ([B, F, D]), every row when focus is None: gate * linear2's attention columns
-        applied to the attention output.
+    def adaln(self, step: StepInputs) -> ModulationOut:
+        return self.modulation(step.vec)[0]
+
+    def _attention(self, h: Tensor, h_focus: Tensor, step: StepInputs, focus: Tensor | None) -> Tensor:
+        """The attention output [B, F, D] of the focus rows h_focus, against keys and values of
+        every row of h (both modulated pre_norm outputs), before linear2.
 
         linear1 is applied in row-slices of its weight (views, nothing copied): q for the focus
-        rows only, k and v for every token. So the background rows cost only their k|v
-        projection, and the result is exactly those rows of the dense block.
+        rows only, k and v for every token. So the background rows cost only their k|v projection.
         """
         D = self.hidden
-        (mod,) = self.modulation(step.vec)
-        h = mod.modulate(self.pre_norm(tokens))
-        h_focus = h if focus is None else gather_rows(h, focus)
-
         k, v = self._part(h, D, 3 * D).chunk(2, dim=-1)
         k, v = split_heads(k, self.heads), split_heads(v, self.heads)
         k = apply_rope(self.norm.key_norm(k), *step.rope)
         q = self.norm.query_norm(split_heads(self._part(h_focus, 0, D), self.heads))
         q = apply_rope(q, *step.rope_rows(focus))
-        o = merge_heads(attention(q, k, v))
-        return mod.gate * F.linear(o, self.linear2.weight[:, :D])
+        return merge_heads(attention(q, k, v))
+
+    def _mlp(self, h_rows: Tensor) -> Tensor:
+        """linear2's MLP columns (and its bias) applied to the MLP of modulated rows h_rows."""
+        D = self.hidden
+        mlp = gelu_tanh_(self._part(h_rows, 3 * D, 3 * D + self.mlp_hidden))
+        return F.linear(mlp, self.linear2.weight[:, D:], self.linear2.bias)
+
+    def attention_increment(self, tokens: Tensor, step: StepInputs, focus: Tensor | None = None) -> Tensor:
+        """The attention's share of what the block adds to the rows of tokens [B, L+N, D] listed in
+        focus [B, F] ([B, F, D]), every row when focus is None: gate * linear2's attention columns
+        applied to the attention output; exactly those rows of the dense block."""
+        mod = self.modulation_in(step)
+        h = mod.modulate_(self.pre_norm(tokens))
+        h_focus = h if focus is None else gather_rows(h, focus)
+        attended = self._attention(h, h_focus, step, focus)
+        return F.linear(attended, self.linear2.weight[:, :self.hidden]).mul_(mod.gate)
 
     def ffn_increment(self, rows: Tensor, attended: Tensor, step: StepInputs) -> Tensor:
         """The MLP's share, for token rows: it runs in parallel with the attention, on the same
         modulated pre_norm(rows), so `attended` is not read. linear2's bias is counted here."""
-        D = self.hidden
-        (mod,) = self.modulation(step.vec)
-        mlp = self.mlp_act(self._part(mod.modulate(self.pre_norm(rows)), 3 * D, 3 * D + self.mlp_hidden))
-        return mod.gate * F.linear(mlp, self.linear2.weight[:, D:], self.linear2.bias)
+        mod = self.modulation_in(step)
+        return self._mlp(mod.modulate_(self.pre_norm(rows))).mul_(mod.gate)
+
+    def increment(self, tokens: Tensor, step: StepInputs, focus: Tensor | None = None) -> Tensor:
+        """Both shares at once, as the block computes them: one modulated pre_norm of the tokens
+        feeds the attention and the MLP of the focus rows, and linear2 runs once over [attention |
+        MLP] without joining them (the attention's columns accumulate onto the MLP's output)."""
+        mod = self.modulation_in(step)
+        h = mod.modulate_(self.pre_norm(tokens))
+        h_focus = h if focus is None else gather_rows(h, focus)
+        out = self._mlp(h_focus)
+        attended = self._attention(h, h_focus, step, focus)
+        out.flatten(0, 1).addmm_(attended.flatten(0, 1), self.linear2.weight[:, :self.hidden].t())
+        return out.mul_(mod.gate)
 
 
 class LastLayer(nn.Module):
@@ -404,7 +441,7 @@ class Flux(nn.Module):
         for index, block in enumerate(self.blocks()):
             # Only the double blocks show the probe their attention (docs/method.md: AesMask).
             shown = None if probe is None or index >= len(self.double_blocks) else probe.for_layer(index)
-            block_step = replace(step, probe=shown)
+            block_step = replace(step, probe=shown, adaln=block.adaln(step))
             tokens = block_runner(index, block, tokens, block_step) if block_runner else block(tokens, block_step)
         return self.final_layer(tokens[:, step.text_tokens:], step.vec)
 

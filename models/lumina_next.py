@@ -255,7 +255,7 @@ class Attention(nn.Module):
         own = attention(q, *image_kv, scale=self_scale)
         cross = attention(q, *text_kv, key_mask=text_mask, probe=probe)  # default 1/sqrt(head_dim)
         gate = torch.tanh(self.gate).to(cross.dtype)[None, :, None, None]
-        return self.wo(merge_heads(own + gate * cross))
+        return self.wo(merge_heads((gate * cross).add_(own)))  # in place: one temporary fewer
 
     def forward(self, h_q: torch.Tensor, h_kv: torch.Tensor, text_kv: tuple[torch.Tensor, torch.Tensor],
                 text_mask: torch.Tensor, rope_q: tuple[torch.Tensor, torch.Tensor],
@@ -276,7 +276,8 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(dim, hidden, bias=False)
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(u)) * self.w3(u))
+        # w1(u) is a temporary of the MLP's width: the gate is applied in place, no second copy.
+        return self.w2(F.silu(self.w1(u), inplace=True).mul_(self.w3(u)))
 
 
 class Modulation(NamedTuple):
@@ -300,6 +301,7 @@ class StepInputs:
     # Set per layer by the forward loop:
     text_kv: tuple[torch.Tensor, torch.Tensor] | None = None   # this layer's caption keys and values
     probe: AttentionProbe | None = None      # shown this layer's image-to-caption attention, if recorded
+    adaln: Modulation | None = None          # this layer's modulation (IncrementBlock.adaln), once
 
 
 class NextDiTBlock(IncrementBlock):
@@ -317,9 +319,11 @@ class NextDiTBlock(IncrementBlock):
     def modulation(self, step: StepInputs) -> Modulation:
         return Modulation(*self.adaLN_modulation(step.c)[:, None, :].chunk(4, dim=-1))
 
+    adaln = modulation  # what the forward loop computes once for this block (IncrementBlock)
+
     def attention_input(self, x: torch.Tensor, scale_msa: torch.Tensor) -> torch.Tensor:
         """Per token: attention_norm1(x) * (1 + scale_msa). A subset of rows gives the subset's input."""
-        return self.attention_norm1(x) * (1 + scale_msa)
+        return self.attention_norm1(x).mul_(1 + scale_msa)   # in place: the norm's output is a temporary
 
     def caption_keys_values(self, cap_feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """This layer's caption keys and values: they depend on the caption alone, never on the
@@ -334,22 +338,23 @@ class NextDiTBlock(IncrementBlock):
         projection and the result to those tokens ([B, F, dim]); keys and values still come from
         all N tokens, so focus tokens read the whole image (AccelAes' sparse path, paper Eq. 9).
         """
-        m = self.modulation(step)
+        m = self.modulation_in(step)
         h = self.attention_input(x, m.scale_msa)
         h_q, rope_q = h, step.rope
         if focus is not None:
             h_q = gather_rows(h, focus)
             rope_q = tuple(table[focus][:, None] for table in step.rope)  # [B, 1, F, head_dim/2]
         o = self.attention(h_q, h, step.text_kv, step.text_mask, rope_q, step.rope, step.self_scale, step.probe)
-        return torch.tanh(m.gate_msa) * self.attention_norm2(o)
+        return self.attention_norm2(o).mul_(torch.tanh(m.gate_msa))
 
     def ffn_increment(self, rows: torch.Tensor, attended: torch.Tensor, step: StepInputs) -> torch.Tensor:
         """What the FFN adds to token rows of x given their attention increments (same rows):
         tanh(gate_mlp) * ffn_norm2(FFN(ffn_norm1(u) * (1 + scale_mlp))), u = rows + attended.
         Token-wise, so any subset of rows (paper Eq. 10)."""
-        m = self.modulation(step)
+        m = self.modulation_in(step)
         u = rows + attended
-        return torch.tanh(m.gate_mlp) * self.ffn_norm2(self.feed_forward(self.ffn_norm1(u) * (1 + m.scale_mlp)))
+        out = self.ffn_norm2(self.feed_forward(self.ffn_norm1(u).mul_(1 + m.scale_mlp)))
+        return out.mul_(torch.tanh(m.gate_mlp))
 
 
 class FinalLayer(nn.Module):
@@ -440,7 +445,7 @@ class NextDiT(nn.Module):
         caption_kv = self.caption_keys_values(cap_feats) if caption_kv is None else caption_kv
         tokens = self.x_embedder(self.patchify(x.to(dtype)))
         for index, layer in enumerate(self.layers):
-            layer_step = replace(step, text_kv=caption_kv[index],
+            layer_step = replace(step, text_kv=caption_kv[index], adaln=layer.adaln(step),
                                  probe=None if probe is None else probe.for_layer(index))
             tokens = block_runner(index, layer, tokens, layer_step) if block_runner else layer(tokens, layer_step)
         # The output patches are ordered (ph, pw, c), not as patchify ordered the input's.

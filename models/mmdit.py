@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import AttentionProbe, attention, merge_heads, split_heads
-from .layers import IncrementBlock, RMSNorm, TimestepEmbedder, gather_rows, patch_grid, unpatchify
+from .layers import (IncrementBlock, RMSNorm, TimestepEmbedder, gather_rows, gelu_tanh_, modulate_, patch_grid,
+                     unpatchify)
 from .checkpoint import Checkpoint, CheckpointError, load_model
 from .keys import Layout, Shapes, SwappedHalves, find_prefix, fused, renamed
 
@@ -234,7 +235,7 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        return self.fc2(gelu_tanh_(self.fc1(x)))
 
 
 class Attention(nn.Module):
@@ -268,10 +269,6 @@ class Attention(nn.Module):
         """[B, N, width] modulated tokens -> k, v [B, heads, N, head_dim]."""
         k, v = self._project(h, slice(self.width, 3 * self.width)).chunk(2, dim=-1)
         return self.ln_k(split_heads(k, self.heads)), split_heads(v, self.heads)
-
-
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1 + scale) + shift
 
 
 class Modulation(NamedTuple):
@@ -311,7 +308,7 @@ class StreamBlock(nn.Module):
 
     def mlp_increment(self, x: torch.Tensor, m: Modulation) -> torch.Tensor:
         """gate_mlp * mlp(modulated norm2(x)): token-wise, so any subset of rows."""
-        return m.gate_mlp * self.mlp(modulate(self.norm2(x), m.shift_mlp, m.scale_mlp))
+        return self.mlp(modulate_(self.norm2(x), m.shift_mlp, m.scale_mlp)).mul_(m.gate_mlp)
 
 
 @dataclass
@@ -320,6 +317,7 @@ class StepInputs:
     c: torch.Tensor                        # [B, width] timestep + pooled-text conditioning
     text_tokens: int                       # L: tokens 0..L-1 are text, L.. are image
     probe: AttentionProbe | None = None    # set per block: shown its image-to-text attention
+    adaln: tuple[Modulation, Modulation] | None = None  # set per block: its (text, image) modulations, once
 
 
 BlockRunner = Callable[[int, nn.Module, torch.Tensor, StepInputs], torch.Tensor]
@@ -330,6 +328,10 @@ class JointBlock(IncrementBlock):
         super().__init__()
         self.context_block = StreamBlock(p, pre_only=index == p.depth - 1)
         self.x_block = StreamBlock(p, dual_attention=index in p.dual_attention_layers)
+
+    def adaln(self, step: StepInputs) -> tuple[Modulation, Modulation]:
+        """The (text, image) streams' modulations."""
+        return self.context_block.modulation(step.c), self.x_block.modulation(step.c)
 
     def attention_increment(self, tokens: torch.Tensor, step: StepInputs,
                             focus: torch.Tensor | None = None) -> torch.Tensor:
@@ -343,44 +345,57 @@ class JointBlock(IncrementBlock):
         original drops them). With focus None every row is updated.
         """
         L = step.text_tokens
-        text, image = tokens[:, :L], tokens[:, L:]
         ctx, xb = self.context_block, self.x_block
-        mc, mx = ctx.modulation(step.c), xb.modulation(step.c)
-
-        text_h = modulate(ctx.norm1(text), mc.shift_msa, mc.scale_msa)
-        image_normed = xb.norm1(image)
-        image_h = modulate(image_normed, mx.shift_msa, mx.scale_msa)
+        mc, mx = self.modulation_in(step)
         image_rows = None if focus is None else focus[:, L:] - L
-        pick = (lambda x: x) if image_rows is None else (lambda x: gather_rows(x, image_rows))
+        text_out, image_out = self._joint_attention(tokens, step, (mc, mx), image_rows)
+        image_attended = xb.attn.proj(image_out).mul_(mx.gate_msa)
+        if xb.dual_attention:
+            image_attended = image_attended + mx.gate_msa2 * self._image_attention(tokens[:, L:], mx, image_rows)
+        text_attended = (torch.zeros_like(tokens[:, :L]) if ctx.pre_only
+                         else ctx.attn.proj(text_out).mul_(mc.gate_msa))
+        return torch.cat([text_attended, image_attended], dim=1)
 
-        # Joint attention: keys/values of every token, text first (no RoPE, so order is free).
-        text_k, text_v = ctx.attn.keys_values(text_h)
-        image_k, image_v = xb.attn.keys_values(image_h)
-        k, v = torch.cat([text_k, image_k], dim=2), torch.cat([text_v, image_v], dim=2)
-        image_q = xb.attn.queries(pick(image_h))
-        text_q = None if ctx.pre_only else ctx.attn.queries(text_h)
-        q = image_q if text_q is None else torch.cat([text_q, image_q], dim=2)
-        first_image_query = 0 if text_q is None else L
+    def _joint_attention(self, tokens: torch.Tensor, step: StepInputs, mods: tuple[Modulation, Modulation],
+                         image_rows: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The joint attention's output before the output projections: (text rows [B, L, width],
+        None where the text stream is pre_only; the image rows listed in image_rows [B, F], all
+        when None). Queries of those rows, keys and values of every token, text first (no RoPE,
+        so the order is free). Only the output outlives the call: the normed and projected
+        tokens are freed on return, before the projections and the MLP allocate theirs."""
+        L = step.text_tokens
+        ctx, xb = self.context_block, self.x_block
+        mc, mx = mods
+        text_h = modulate_(ctx.norm1(tokens[:, :L]), mc.shift_msa, mc.scale_msa)
+        image_h = modulate_(xb.norm1(tokens[:, L:]), mx.shift_msa, mx.scale_msa)
+        k, v = (torch.cat(pair, dim=2) for pair in zip(ctx.attn.keys_values(text_h), xb.attn.keys_values(image_h)))
+        q = xb.attn.queries(image_h if image_rows is None else gather_rows(image_h, image_rows))
+        if not ctx.pre_only:
+            q = torch.cat([ctx.attn.queries(text_h), q], dim=2)
+        first_image_query = 0 if ctx.pre_only else L
         out = merge_heads(attention(q, k, v, probe=step.probe,
                                     probe_span=(slice(first_image_query, None), slice(0, L))))
+        return (None if ctx.pre_only else out[:, :L]), out[:, first_image_query:]
 
-        image_attended = mx.gate_msa * xb.attn.proj(out[:, first_image_query:])
-        if xb.dual_attention:
-            # attn2 reads the same norm1 output, modulated by its own shift/scale; image tokens only.
-            h2 = modulate(image_normed, mx.shift_msa2, mx.scale_msa2)
-            o2 = attention(xb.attn2.queries(pick(h2)), *xb.attn2.keys_values(h2))
-            image_attended = image_attended + mx.gate_msa2 * xb.attn2.proj(merge_heads(o2))
-        text_attended = torch.zeros_like(text) if ctx.pre_only else mc.gate_msa * ctx.attn.proj(out[:, :L])
-        return torch.cat([text_attended, image_attended], dim=1)
+    def _image_attention(self, image: torch.Tensor, mx: Modulation,
+                         image_rows: torch.Tensor | None) -> torch.Tensor:
+        """SD3.5-M's attn2, image tokens only: it reads norm1 of the image tokens (as the joint
+        attention does) modulated by its own shift and scale; projected, not gated."""
+        xb = self.x_block
+        h2 = modulate_(xb.norm1(image), mx.shift_msa2, mx.scale_msa2)
+        o2 = attention(xb.attn2.queries(h2 if image_rows is None else gather_rows(h2, image_rows)),
+                       *xb.attn2.keys_values(h2))
+        return xb.attn2.proj(merge_heads(o2))
 
     def ffn_increment(self, rows: torch.Tensor, attended: torch.Tensor, step: StepInputs) -> torch.Tensor:
         """What the MLPs add to token rows (text rows first, as in `attention_increment`'s focus)
         given their attention increments: token-wise, so any subset of image rows (Eq. 10)."""
         L = step.text_tokens
         ctx, xb = self.context_block, self.x_block
-        image = xb.mlp_increment(rows[:, L:] + attended[:, L:], xb.modulation(step.c))
+        mc, mx = self.modulation_in(step)
+        image = xb.mlp_increment(rows[:, L:] + attended[:, L:], mx)
         text = (torch.zeros_like(rows[:, :L]) if ctx.pre_only
-                else ctx.mlp_increment(rows[:, :L] + attended[:, :L], ctx.modulation(step.c)))
+                else ctx.mlp_increment(rows[:, :L] + attended[:, :L], mc))
         return torch.cat([text, image], dim=1)
 
 
@@ -395,7 +410,7 @@ class FinalLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c)[:, None, :].chunk(2, dim=-1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
+        return self.linear(modulate_(self.norm_final(x), shift, scale))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -455,7 +470,8 @@ class MMDiT(nn.Module):
         step = StepInputs(self.conditioning(timestep, pooled.to(dtype)), text.shape[1])
         tokens = torch.cat([text, image], dim=1)
         for index, block in enumerate(self.joint_blocks):
-            block_step = replace(step, probe=None if probe is None else probe.for_layer(index))
+            block_step = replace(step, probe=None if probe is None else probe.for_layer(index),
+                                 adaln=block.adaln(step))
             tokens = block_runner(index, block, tokens, block_step) if block_runner else block(tokens, block_step)
         return unpatchify(self.final_layer(tokens[:, step.text_tokens:], step.c), height, width, p.patch_size,
                           p.out_channels)
