@@ -27,8 +27,9 @@ T / (dense + sparse x the FLOP ratio of a sparse evaluation); diffusers' cache h
 run's Linear FLOPs over theirs, counted on every nn.Linear), model evaluations (ours: dense/
 sparse/extrapolated; diffusers: calls and the share of dense Linear FLOPs they did), seconds
 spent building the mask, peak memory of the run (the weights included: on CUDA the allocator's
-max_memory_allocated, on the CPU the process's resident anonymous memory, sampled), and PSNR of
-the decoded image and relative L2 of the final latent against our dense row.
+max_memory_allocated, on the CPU the process's resident anonymous memory, sampled) and "+MB", its
+excess over the run's start, and PSNR of the decoded image and relative L2 of the final latent
+against our dense row.
 
 --peers (diffusers installed, see benchmark_peers.py) adds the same weights run by diffusers'
 transformer classes through the same loop: dense, and each of diffusers' cache hooks that runs on

@@ -22,9 +22,17 @@ if not dynamo.is_dynamo_supported():
 SIZE = 64
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # the machine is shared: one core for these small traces
+    yield
+    torch.set_num_threads(threads)
+
+
 def model_call(name: str):
-    """(model, args, kwargs) of one dense evaluation of the backbone's tiny random pipeline,
-    recorded as its pipeline makes it, and the pipeline."""
+    """The backbone's tiny random pipeline, a generation, and the (args, kwargs) of one dense
+    evaluation of its transformer, recorded as the pipeline makes the call."""
     backbone = REGISTRY[name]
     pipeline = backbone.pipeline.random(seed=0)
     settings = pipeline.resolve(backbone.pipeline.Settings())
@@ -53,7 +61,6 @@ def runners(pipeline, generation, args, kwargs) -> dict[str, SkipSparse | None]:
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
 def test_hot_path_has_no_graph_break(name):
-    torch.set_num_threads(1)
     pipeline, generation, args, kwargs = model_call(name)
     model = pipeline.transformer
     for path, runner in runners(pipeline, generation, args, kwargs).items():
@@ -66,7 +73,6 @@ def test_hot_path_has_no_graph_break(name):
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
 def test_fullgraph_compile_gives_the_eager_result(name):
-    torch.set_num_threads(1)
     pipeline, generation, args, kwargs = model_call(name)
     dynamo.reset()
     compiled = torch.compile(pipeline.transformer, fullgraph=True, backend="eager")
