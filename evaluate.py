@@ -33,7 +33,7 @@ from pathlib import Path
 
 from cli.checks import UsageError, check_number, check_writable_folder
 from cli.loading import load_embedder, load_pipeline
-from cli.sample_args import add_generation_flags, model_settings, parse_seeds
+from cli.sample_args import add_generation_flags, add_model_flags, add_seed_flags, model_settings, parse_seeds
 from cli.sample_args import check_generation as check_shared_generation
 from evaluation.configs import CONFIGURATIONS, DENSE, Configuration, builds_mask, check_configuration, parse_configs
 from evaluation.generate import RunSettings, generate_all
@@ -63,19 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", type=Path, default=Path("outputs/evaluate"),
                         help="folder of the pictures and the reports; a run into a folder of an earlier one "
                              "makes only the missing images (default: %(default)s)")
-    parser.add_argument("--model", choices=sorted(REGISTRY), default="lumina-next",
-                        help="which diffusion transformer to run (default: %(default)s)")
-    parser.add_argument("--weights", type=Path, default=None,
-                        help="folder of the model's released weights (weights.md); omit it to run the built-in "
-                             "random model")
+    add_model_flags(parser)
     parser.add_argument("--clip", type=Path, default=None,
                         help="folder of a CLIP ViT-L/14 text encoder with its tokenizer, for AesMask's aesthetic "
                              "words (default: WEIGHTS/clip-vit-large-patch14 if there; SD3 and FLUX use their own)")
-    parser.add_argument("--seeds", default=None,
-                        help="each prompt's seeds, separated by commas, e.g. 0,1,2 (default: --images-per-prompt "
-                             "seeds from --seed on)")
-    parser.add_argument("--images-per-prompt", type=int, default=None,
-                        help="seeds per prompt: --seed, --seed + 1, ... (default: 1)")
+    add_seed_flags(parser)
     parser.add_argument("--negative-prompt", default=None,
                         help="negative prompt of every prompt without its own (default: empty)")
     parser.add_argument("--batch-size", type=int, default=1,

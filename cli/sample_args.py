@@ -77,14 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Generate an image from a prompt. Without --weights, a small built-in model with "
                     "random weights runs instead (see weights.md for the real ones).")
-    parser.add_argument("--model", choices=sorted(REGISTRY), default="lumina-next",
-                        help="which diffusion transformer to run (default: %(default)s)")
+    add_model_flags(parser)
     parser.add_argument("--prompt", default=None, help="what to draw (default: 'a photo of a cat')")
     parser.add_argument("--negative-prompt", default=None,
                         help="what to steer away from, through classifier-free guidance (default: empty)")
-    parser.add_argument("--weights", type=Path, default=None,
-                        help="folder of released weights, as downloaded (see weights.md); omit it to run "
-                             "the built-in random model")
     parser.add_argument("--output", type=Path, default=None,
                         help="PNG file to write (default: outputs/sample.png)")
     parser.add_argument("--overwrite", action="store_true",
@@ -99,6 +95,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_model_flags(parser) -> None:
+    """Which backbone runs and from which weights (sample.py and evaluate.py)."""
+    parser.add_argument("--model", choices=sorted(REGISTRY), default="lumina-next",
+                        help="which diffusion transformer to run (default: %(default)s)")
+    parser.add_argument("--weights", type=Path, default=None,
+                        help="folder of released weights, as downloaded (see weights.md); omit it to run "
+                             "the built-in random model")
+
+
+def add_seed_flags(group) -> None:
+    """The seeds of every prompt of a prompt file (sample.py --prompts and evaluate.py)."""
+    group.add_argument("--seeds", default=None,
+                       help="comma-separated seeds, e.g. 0,1,2: one image of every prompt for each (default: "
+                            "--seed, or --images-per-prompt seeds from it)")
+    group.add_argument("--images-per-prompt", type=int, default=None,
+                       help="this many images of every prompt, seeds --seed, --seed + 1, ... (instead of "
+                            "--seeds; default: 1)")
+
+
 def add_prompt_file_flags(group) -> None:
     group.add_argument("--prompts", type=Path, default=None,
                        help="a text file with one prompt a line, or JSON Lines with prompt and optional "
@@ -106,10 +121,7 @@ def add_prompt_file_flags(group) -> None:
     group.add_argument("--output-dir", type=Path, default=None,
                        help="folder of the PNGs and manifest.jsonl; a second run with the same arguments makes only "
                             "the images that are missing")
-    group.add_argument("--seeds", default=None,
-                       help="comma-separated seeds, e.g. 0,1,2: one image of every prompt for each (default: --seed)")
-    group.add_argument("--images-per-prompt", type=int, default=None,
-                       help="this many images of every prompt, seeds --seed, --seed + 1, ... (instead of --seeds)")
+    add_seed_flags(group)
     group.add_argument("--batch-size", type=int, default=None,
                        help="prompts per model call; an image does not depend on it (default: 1)")
     group.add_argument("--encode-first", action="store_true", default=None,

@@ -79,7 +79,7 @@ class AestheticPredictor:
         scores = []
         for start in range(0, len(images), self.batch_size):
             pixels = torch.stack([preprocess_clip_openai(image) for image in images[start:start + self.batch_size]])
-            embeds = self.vision(pixels.to(weight.device, weight.dtype)).image_embeds
+            embeds = self.vision(pixels.to(weight.device, weight.dtype)).projected
             scores.append(self.head(unit(embeds))[:, 0].cpu())
         return torch.cat(scores) if scores else torch.empty(0)
 

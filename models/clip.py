@@ -38,7 +38,6 @@ from .keys import (Chunk, Key, Layout, Shapes, Source, Transposed,
                    ends_with_name, find_prefix, read_json, read_text, renamed)
 
 
-
 # ---------------------------------------------------------------------------------------------
 # Parameters
 # ---------------------------------------------------------------------------------------------
@@ -52,7 +51,7 @@ class CLIPParams:
     mlp_width: int
     max_positions: int
     activation: str             # "quick_gelu" (OpenAI ViT-L) or "gelu" (LAION bigG)
-    projection_dim: int | None  # None: the file has no text_projection, pooled_projected = pooled
+    projection_dim: int | None  # None: the file has no text_projection, projected = pooled
     eos_token_id: int
     eps: float = 1e-5
 
@@ -252,10 +251,11 @@ class CLIPEncoder(nn.Module):
 
 @dataclass
 class CLIPOutput:
-    hidden_states: tuple[torch.Tensor, ...]  # embeddings, then every layer's output (no final LN)
-    last_hidden_state: torch.Tensor          # [B, T, width], the last layer after the final LN
-    pooled: torch.Tensor                     # [B, width], last_hidden_state at the EOS token
-    pooled_projected: torch.Tensor           # [B, projection_dim], or pooled when there is no projection
+    """What either CLIP tower returns (the image tower's is in models/clip_vision.py)."""
+    last_hidden_state: torch.Tensor  # [B, T, width]: text, after the final LN; image, before post_layernorm
+    pooled: torch.Tensor             # [B, width]: text, at the EOS token; image, post_layernorm of the class token
+    projected: torch.Tensor          # [B, projection_dim], or pooled when there is no projection
+    hidden_states: tuple[torch.Tensor, ...] = ()  # text: embeddings, then every layer's output (no final LN)
 
 
 class CLIPTextModel(nn.Module):
@@ -285,7 +285,7 @@ class CLIPTextModel(nn.Module):
         eos = (input_ids == self.params.eos_token_id).int().argmax(dim=1)
         pooled = last[torch.arange(last.shape[0], device=last.device), eos]
         projected = self.text_projection(pooled) if self.text_projection is not None else pooled
-        return CLIPOutput(tuple(hidden_states), last, pooled, projected)
+        return CLIPOutput(last, pooled, projected, tuple(hidden_states))
 
 
 # ---------------------------------------------------------------------------------------------

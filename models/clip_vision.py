@@ -7,7 +7,7 @@ pre-LN ViT without attention masks, read out at its class token:
     x = [class_embedding, patch_embedding(pixels)] + position_embedding
     x = pre_layrnorm(x)
     for each layer:  x = x + attn(ln1(x));  x = x + mlp(ln2(x))
-    pooled = post_layernorm(x[:, 0]);  image_embeds = visual_projection(pooled)
+    pooled = post_layernorm(x[:, 0]);  projected = visual_projection(pooled)
 
 Parameters are named after transformers' CLIPVisionModelWithProjection, without its
 `vision_model.` level (and `pre_layrnorm` keeps transformers' spelling). Its encoder layers
@@ -54,7 +54,7 @@ class CLIPVisionParams:
     patch_size: int
     image_size: int
     activation: str             # "quick_gelu" (OpenAI ViT-L/14) or "gelu" (LAION ViT-H/14, bigG/14)
-    projection_dim: int | None  # None: the file has no projection, image_embeds = pooled
+    projection_dim: int | None  # None: the file has no projection, projected = pooled
     eps: float = 1e-5
 
     @property
@@ -109,13 +109,6 @@ class CLIPVisionEmbeddings(nn.Module):
         return torch.cat([cls, patches], dim=1) + self.position_embedding.weight
 
 
-@dataclass
-class CLIPVisionOutput:
-    last_hidden_state: torch.Tensor  # [B, tokens, width], the last layer's output (no post_layernorm)
-    pooled: torch.Tensor             # [B, width], post_layernorm of the class token
-    image_embeds: torch.Tensor       # [B, projection_dim], or pooled when there is no projection
-
-
 class CLIPVisionModel(nn.Module):
     def __init__(self, p: CLIPVisionParams):
         super().__init__()
@@ -127,7 +120,7 @@ class CLIPVisionModel(nn.Module):
         self.post_layernorm = nn.LayerNorm(p.width, eps=p.eps)
         self.visual_projection = nn.Linear(p.width, p.projection_dim, bias=False) if p.projection_dim else None
 
-    def forward(self, pixels: torch.Tensor) -> CLIPVisionOutput:
+    def forward(self, pixels: torch.Tensor) -> CLIPOutput:
         """pixels: [B, 3, image_size, image_size], normalised as the metric's preprocessing does."""
         size = self.params.image_size
         if pixels.dim() != 4 or tuple(pixels.shape[1:]) != (3, size, size):
@@ -138,7 +131,7 @@ class CLIPVisionModel(nn.Module):
             x = layer(x)
         pooled = self.post_layernorm(x[:, 0])
         projected = self.visual_projection(pooled) if self.visual_projection is not None else pooled
-        return CLIPVisionOutput(x, pooled, projected)
+        return CLIPOutput(x, pooled, projected)
 
 
 class CLIPModel(nn.Module):
@@ -155,12 +148,11 @@ class CLIPModel(nn.Module):
 
     def image_embeds(self, pixels: torch.Tensor) -> torch.Tensor:
         """[B, projection_dim], not normalised (transformers' get_image_features)."""
-        return self.vision_model(pixels).image_embeds
+        return self.vision_model(pixels).projected
 
     def text_embeds(self, input_ids: torch.Tensor) -> torch.Tensor:
         """[B, projection_dim], not normalised (transformers' get_text_features)."""
-        output: CLIPOutput = self.text_model(input_ids)
-        return output.pooled_projected
+        return self.text_model(input_ids).projected
 
 
 # ---------------------------------------------------------------------------------------------

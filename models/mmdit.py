@@ -199,11 +199,6 @@ def mmdit_layout(keys: Iterable[str], prefix: str | None = None) -> Layout:
 # Small modules
 # ---------------------------------------------------------------------------------------------
 
-
-
-
-
-
 class VectorEmbedder(nn.Module):
     """The pooled CLIP vector -> Linear, SiLU, Linear."""
 

@@ -180,7 +180,7 @@ class SD3Pipeline(Pipeline):
         clip_states = torch.cat([clip_l.hidden_states[-2], clip_g.hidden_states[-2].to(dtype)], dim=-1)
         clip_states = F.pad(clip_states, (0, t5_states.shape[-1] - clip_states.shape[-1]))
         context = torch.cat([clip_states, t5_states.to(dtype)], dim=1)
-        pooled = torch.cat([clip_l.pooled_projected, clip_g.pooled_projected.to(dtype)], dim=-1)
+        pooled = torch.cat([clip_l.projected, clip_g.projected.to(dtype)], dim=-1)
         return SD3Conditioning(context.to(self.device), pooled.to(self.device))
 
     def initial_noise(self, batch: int, height: int, width: int, seed: int | list[int],

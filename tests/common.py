@@ -36,6 +36,12 @@ def read_through(layout, state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return {name: source.read(state.__getitem__) for name, source in layout.mapping.items()}
 
 
+def clip_tower(width: int, heads: int, layers: int, mlp: int, activation: str, projection: int) -> dict:
+    """A CLIP tower's shape in transformers' config names, which its text and vision configs share."""
+    return dict(hidden_size=width, num_attention_heads=heads, num_hidden_layers=layers, intermediate_size=mlp,
+                hidden_act=activation, projection_dim=projection)
+
+
 def randomize_(module: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch.nn.Module:
     """Give every parameter random values, so zero-initialised layers (gates, norms) are exercised."""
     generator = torch.Generator().manual_seed(seed)

@@ -33,12 +33,7 @@ def strict_json(path) -> dict:
     return json.loads(path.read_text(), parse_constant=refuse)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # the machine is shared: one core for these small runs
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py: small runs on one core
 
 
 @pytest.mark.skipif(not HAS_DIFFUSERS, reason="diffusers is not installed (pip install -r requirements-test.txt)")

@@ -20,18 +20,14 @@ from transformers import CLIPTokenizer as RefTokenizer
 from models.checkpoint import Checkpoint, CheckpointError
 from models.clip import CLIPParams, CLIPTokenizer, load_clip
 from models.keys import describe
-from tests.common import clip_bpe_file, randomize_, rel_err, save_state
+from tests.common import clip_bpe_file, clip_tower, randomize_, rel_err, save_state
 
 VOCAB, BOS, EOS = 1000, 998, 999  # a small vocabulary whose largest id ends the text, as in CLIP's
 
-TOWERS = {
-    # OpenAI ViT-L/14's rules (width 768 -> 12 heads, quick_gelu); a narrow MLP keeps it fast.
-    "quick_gelu": dict(hidden_size=768, num_attention_heads=12, num_hidden_layers=2, intermediate_size=256,
-                       hidden_act="quick_gelu", projection_dim=96),
-    # bigG/14's rules (gelu); a non-square projection catches a transposed text_projection.
-    "gelu": dict(hidden_size=128, num_attention_heads=2, num_hidden_layers=3, intermediate_size=256,
-                 hidden_act="gelu", projection_dim=80),
-}
+# OpenAI ViT-L/14's rules (width 768 -> 12 heads, quick_gelu) with a narrow MLP to run fast, and
+# bigG/14's (gelu), whose non-square projection catches a transposed text_projection.
+TOWERS = {"quick_gelu": clip_tower(768, heads=12, layers=2, mlp=256, activation="quick_gelu", projection=96),
+          "gelu": clip_tower(128, heads=2, layers=3, mlp=256, activation="gelu", projection=80)}
 TOLERANCE = 1e-5
 
 
@@ -62,7 +58,7 @@ def reference_outputs(ref, ids: torch.Tensor) -> dict[str, object]:
         pooled = getattr(ref, "text_model", ref)(ids).pooler_output  # the tower without projection
     projected = getattr(out, "text_embeds", None)
     return dict(hidden_states=out.hidden_states, last_hidden_state=out.last_hidden_state, pooled=pooled,
-                pooled_projected=projected if projected is not None else pooled)
+                projected=projected if projected is not None else pooled)
 
 
 def assert_matches(model, ref, ids: torch.Tensor) -> dict[str, float]:
@@ -73,7 +69,7 @@ def assert_matches(model, ref, ids: torch.Tensor) -> dict[str, float]:
     errors = {f"hidden_states[{i}]": rel_err(ours, theirs)
               for i, (ours, theirs) in enumerate(zip(out.hidden_states, expected["hidden_states"]))}
     errors.update({name: rel_err(getattr(out, name), expected[name])
-                   for name in ("last_hidden_state", "pooled", "pooled_projected")})
+                   for name in ("last_hidden_state", "pooled", "projected")})
     assert max(errors.values()) < TOLERANCE, errors
     return errors
 
@@ -187,7 +183,7 @@ def test_tower_without_projection(tmp_path):
     assert_matches(model, ref, ids)
     with torch.no_grad():
         out = model(ids)
-    assert out.pooled_projected is out.pooled
+    assert out.projected is out.pooled
 
 
 def test_tower_saved_by_transformers_5_without_text_model_prefix(tmp_path):
@@ -231,9 +227,9 @@ def test_bf16_load(references, tmp_path):
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     ids = sample_ids()
     with torch.no_grad():
-        ours = model(ids).pooled_projected
+        ours = model(ids).projected
     assert ours.dtype == torch.bfloat16
-    assert rel_err(ours, reference_outputs(references["gelu"], ids)["pooled_projected"]) < 5e-2
+    assert rel_err(ours, reference_outputs(references["gelu"], ids)["projected"]) < 5e-2
 
 
 def test_too_many_tokens(references, tmp_path):

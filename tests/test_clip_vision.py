@@ -19,19 +19,15 @@ from transformers import CLIPVisionModelWithProjection as RefVisionModelWithProj
 
 from models.checkpoint import CheckpointError
 from models.clip_vision import CLIPVisionParams, load_clip_model, load_clip_vision
-from tests.common import randomize_, rel_err, save_state
+from tests.common import clip_tower, randomize_, rel_err, save_state
 from tests.test_clip import openclip_blocks, ref_config, sample_ids
 from tests.test_clip import to_openclip as text_to_openclip
 
 IMAGE, PATCH = 56, 14  # a 4x4 grid of patches: 17 tokens
-TOWERS = {
-    # OpenAI ViT-L/14's activation at a small width.
-    "quick_gelu": dict(hidden_size=128, num_attention_heads=2, num_hidden_layers=2, intermediate_size=256,
-                       hidden_act="quick_gelu", projection_dim=48),
-    # LAION ViT-H/14's 80-wide heads and gelu; a non-square projection catches a transposed proj.
-    "gelu": dict(hidden_size=160, num_attention_heads=2, num_hidden_layers=3, intermediate_size=320,
-                 hidden_act="gelu", projection_dim=96),
-}
+# OpenAI ViT-L/14's activation at a small width, and LAION ViT-H/14's 80-wide heads and gelu,
+# whose non-square projection catches a transposed proj.
+TOWERS = {"quick_gelu": clip_tower(128, heads=2, layers=2, mlp=256, activation="quick_gelu", projection=48),
+          "gelu": clip_tower(160, heads=2, layers=3, mlp=320, activation="gelu", projection=96)}
 TOLERANCE = 1e-5
 
 
@@ -56,7 +52,7 @@ def assert_tower_matches(model, ref, pixels: torch.Tensor) -> None:
         pooled = ref.vision_model(pixels).pooler_output
     errors = {"last_hidden_state": rel_err(out.last_hidden_state, expected.last_hidden_state),
               "pooled": rel_err(out.pooled, pooled),
-              "image_embeds": rel_err(out.image_embeds, expected.image_embeds)}
+              "image_embeds": rel_err(out.projected, expected.image_embeds)}
     assert max(errors.values()) < TOLERANCE, errors
 
 
@@ -117,7 +113,7 @@ def test_tower_inside_a_full_clip_file_and_bare_tower(tmp_path):
     pixels = sample_pixels()
     with torch.no_grad():
         expected = full.get_image_features(pixels).pooler_output
-        ours = load_clip_vision(tmp_path / "full")(pixels).image_embeds
+        ours = load_clip_vision(tmp_path / "full")(pixels).projected
     assert rel_err(ours, expected) < TOLERANCE
 
     bare = randomize_(RefVisionModel(vision_config(**TOWERS["gelu"])), seed=5).eval()
@@ -126,7 +122,7 @@ def test_tower_inside_a_full_clip_file_and_bare_tower(tmp_path):
     assert model.visual_projection is None
     with torch.no_grad():
         out, ref = model(pixels), bare(pixels)
-    assert rel_err(out.pooled, ref.pooler_output) < TOLERANCE and out.image_embeds is out.pooled
+    assert rel_err(out.pooled, ref.pooler_output) < TOLERANCE and out.projected is out.pooled
 
 
 def test_params_from_shapes_and_config():

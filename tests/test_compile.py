@@ -22,12 +22,7 @@ if not dynamo.is_dynamo_supported():
 SIZE = 64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # the machine is shared: one core for these small traces
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py: small traces on one core
 
 
 def model_call(name: str):
