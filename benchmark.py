@@ -1,6 +1,7 @@
 """How much faster AccelAes samples, measured honestly: every row runs in this one process, through
 the same sampling loop (pipelines/sampling.py), the same weights and the same seed, timed after a
-warm-up, as the median of repeated runs.
+warm-up, as the median of repeated runs. The rows take turns (every row's first run, then every
+row's second, ...), so a machine whose speed drifts while the table is made moves all rows alike.
 
     python benchmark.py                      # Lumina-Next widths, 1 layer, 512x512, 30 steps, CFG
     python benchmark.py --model sd3          # SD3-Medium widths, 1 block, 512x512, 28 steps, CFG
@@ -41,6 +42,7 @@ less than at full depth. --json writes strict JSON (an infinite PSNR is null, wi
 from __future__ import annotations
 
 import argparse
+import copy
 import ctypes
 import gc
 import json
@@ -48,7 +50,8 @@ import statistics
 import sys
 import threading
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -266,33 +269,59 @@ class Reference:
                 "latent_rel_l2": ((latents.float() - reference).norm() / reference.norm()).item()}
 
 
-def measure_rows(pipeline, rows: dict, settings, repeats: int, ratios: dict, reference: Reference,
-                 suffix: str = "") -> list[dict]:
-    """Each row warmed up (every code path once, untimed), then timed `repeats` times."""
+@dataclass
+class TimedRow:
+    """One row of the table before it is measured: an untimed warm-up (every code path once), a
+    timed run, and what the row reports given its timed runs."""
+    name: str
+    warm_up: Callable[[], object]
+    run: Callable[[], tuple]                 # -> (seconds, final latents, ..., its PeakMemory)
+    summarize: Callable[[list[tuple]], dict]
+
+
+def measure_interleaved(rows: list[TimedRow], repeats: int) -> list[dict]:
+    """Every row warmed up, then timed `repeats` times round-robin (row 1, 2, 3, 1, 2, 3, ...): a
+    machine whose speed drifts during the table (a shared CPU, a GPU's clocks) moves every row
+    alike instead of the rows measured last. Summaries are made in the rows' order, so the first
+    row (our dense one) is the reference of the others."""
+    for row in rows:
+        row.warm_up()
+    runs: dict[str, list[tuple]] = {row.name: [] for row in rows}
+    for _ in range(repeats):
+        for row in rows:
+            runs[row.name].append(row.run())
+            print(f"  {row.name}: {runs[row.name][-1][0]:.2f} s", file=sys.stderr)
+    return [row.summarize(runs[row.name]) for row in rows]
+
+
+def our_rows(pipeline, rows: dict, settings, ratios: dict, reference: Reference, suffix: str = "") -> list[TimedRow]:
+    """Our rows (name -> AccelAes config, None for dense) on `pipeline`; the warm-up is 8 steps
+    with the mask and StepCache early enough to run every path."""
     warm = replace(settings, steps=8)
-    for config in rows.values():
-        run_row(pipeline, config and replace(config, warmup=2, mask_step=2), warm, reference)
-    results = []
-    for name, config in rows.items():
-        runs = [run_row(pipeline, config, settings, reference) for _ in range(repeats)]
-        seconds = statistics.median(r[0] for r in runs)
-        _, latents, accel, _ = runs[-1]
-        image, decode_seconds = reference.decode(latents)
-        if reference.latents is None:      # the first row of the table: our dense run
-            reference.latents, reference.image, reference.seconds = latents, image, seconds
-        stats = accel.stats if accel else None
-        dense, sparse, skipped = (stats.dense, stats.sparse, stats.extrapolated) if stats else (settings.steps, 0, 0)
-        results.append({
-            "row": name + suffix, "kind": "ours", "seconds": seconds, "all_seconds": [r[0] for r in runs],
-            "speedup": reference.seconds / seconds,
-            "theoretical": settings.steps / (dense + sparse * ratios[config is None or config.sparse_ffn]),
-            "evaluations": f"{dense}/{sparse}/{skipped}", "dense": dense, "sparse": sparse, "extrapolated": skipped,
-            "mask_seconds": stats.mask_seconds if stats else 0.0,
-            **reference.memory([r[3] for r in runs]),
-            **reference.fidelity(latents, image), "decode_seconds": decode_seconds,
-        })
-        print(f"  {name + suffix}: {seconds:.2f} s", file=sys.stderr)
-    return results
+    return [TimedRow(name + suffix,
+                     partial(run_row, pipeline, config and replace(config, warmup=2, mask_step=2), warm, reference),
+                     partial(run_row, pipeline, config, settings, reference),
+                     partial(our_summary, name + suffix, config, settings, ratios, reference))
+            for name, config in rows.items()]
+
+
+def our_summary(name: str, config, settings, ratios: dict, reference: Reference, runs: list[tuple]) -> dict:
+    seconds = statistics.median(r[0] for r in runs)
+    _, latents, accel, _ = runs[-1]
+    image, decode_seconds = reference.decode(latents)
+    if reference.latents is None:      # the first row of the table: our dense run
+        reference.latents, reference.image, reference.seconds = latents, image, seconds
+    stats = accel.stats if accel else None
+    dense, sparse, skipped = (stats.dense, stats.sparse, stats.extrapolated) if stats else (settings.steps, 0, 0)
+    return {
+        "row": name, "kind": "ours", "seconds": seconds, "all_seconds": [r[0] for r in runs],
+        "speedup": reference.seconds / seconds,
+        "theoretical": settings.steps / (dense + sparse * ratios[config is None or config.sparse_ffn]),
+        "evaluations": f"{dense}/{sparse}/{skipped}", "dense": dense, "sparse": sparse, "extrapolated": skipped,
+        "mask_seconds": stats.mask_seconds if stats else 0.0,
+        **reference.memory([r[3] for r in runs]),
+        **reference.fidelity(latents, image), "decode_seconds": decode_seconds,
+    }
 
 
 # ---- the command line -------------------------------------------------------------------------
@@ -397,17 +426,21 @@ def run_table(args, pipeline, settings, config: AccelAesConfig) -> dict:
     print(f"a sparse evaluation does {ratios[True]:.1%} of a dense one's matmul FLOPs "
           f"({ratios[False]:.1%} with attention-only SkipSparse)", file=sys.stderr)
     reference = Reference(pipeline, args.size, args.device)
-    rows = measure_rows(pipeline, benchmark_rows(config, args.ablations), settings, args.repeats, ratios, reference)
+    rows = our_rows(pipeline, benchmark_rows(config, args.ablations), settings, ratios, reference)
     if args.compile:
-        pipeline.transformer.compile()      # compiled at the first call of each row's warm-up
-        rows += measure_rows(pipeline, {"dense": None, "AccelAes": config}, settings, args.repeats, ratios,
-                             reference, suffix=" (compiled)")
+        # The same weights under torch.compile, in a second pipeline object (compiled at the
+        # first call of its warm-up), so that compiled and eager rows interleave.
+        compiled = copy.copy(pipeline)
+        compiled.transformer = torch.compile(pipeline.transformer)
+        rows += our_rows(compiled, {"dense": None, "AccelAes": config}, settings, ratios, reference,
+                         suffix=" (compiled)")
     skipped = []
     if args.peers:
         import benchmark_peers
         generation = pipeline.prepare([PROMPT], seed=0, height=args.size, width=args.size, settings=settings)
-        peer_rows, skipped = benchmark_peers.measure(pipeline, args.model, generation, args.repeats, reference)
-        rows += peer_rows
+        peer_rows, skipped = benchmark_peers.rows(pipeline, args.model, generation, reference)
+        rows += [TimedRow(*row) for row in peer_rows]
+    rows = measure_interleaved(rows, args.repeats)
     return {"text_seconds": text_seconds, "sparse_flop_ratio": ratios[True], "attention_only_flop_ratio": ratios[False],
             "rows": rows, "peers_not_run": skipped}
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 import statistics
-import sys
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from functools import partial
@@ -307,35 +306,41 @@ def run_peer(pipeline, generation, peer: Peer, counter: LinearFlops, steps: int,
         num_train_timesteps=pipeline.schedule.num_train_timesteps))
 
 
-def measure(pipeline, model_name: str, generation, repeats: int, reference):
+def rows(pipeline, model_name: str, generation, reference) -> tuple[list[tuple], list[dict]]:
     """diffusers' rows (dense, then each hook that runs here) for `generation` (the prompt, seed
-    and settings of our rows), each on a fresh twin of our model, warmed up once, timed `repeats`
-    times and measured by benchmark.py's `reference`; and the hooks not run, with the reason."""
-    settings = generation.settings
+    and settings of our rows), each on a fresh twin of our model, as benchmark.py's TimedRow
+    fields: (name, warm-up, timed run, summary of the timed runs), measured by its `reference`;
+    and the hooks not run, with the reason."""
     build = PEERS[model_name]
     skipped = not_run(model_name, build(pipeline, generation))
-    rows, dense_flops = [], None
+    out, dense_flops = [], {}
     for name in ["dense", "FirstBlockCache", "TaylorSeerCache", "FasterCache"]:
         if name in skipped:
             continue
         peer = build(pipeline, generation)     # a fresh twin: one row's hooks never reach another's
-        config = None if name == "dense" else hook_configs(peer, pipeline.guided(settings))[name]
+        config = None if name == "dense" else hook_configs(peer, pipeline.guided(generation.settings))[name]
         if config is not None:
             _enable(peer, config)
         counter = LinearFlops(peer.model)
-        run_peer(pipeline, generation, peer, counter, 8, reference)           # warm-up, untimed
-        runs = [run_peer(pipeline, generation, peer, counter, settings.steps, reference) for _ in range(repeats)]
-        seconds = statistics.median(r[0] for r in runs)
-        dense_flops = dense_flops or counter.flops
-        image, decode_seconds = reference.decode(runs[-1][1])
-        share = counter.flops / dense_flops
-        rows.append({
-            "row": f"diffusers {name}", "kind": "diffusers", "hook": None if config is None else repr(config),
-            "seconds": seconds, "all_seconds": [r[0] for r in runs], "speedup": reference.seconds / seconds,
-            "theoretical": 1 / share, "evaluations": f"{peer.calls} calls, {share:.0%} FLOPs",
-            "model_calls": peer.calls, "linear_flop_share": share, "mask_seconds": 0.0,
-            **reference.memory([r[2] for r in runs]),
-            **reference.fidelity(runs[-1][1], image), "decode_seconds": decode_seconds,
-        })
-        print(f"  diffusers {name}: {seconds:.2f} s", file=sys.stderr)
-    return rows, [{"row": name, "reason": reason} for name, reason in skipped.items()]
+        run = partial(run_peer, pipeline, generation, peer, counter)
+        out.append((f"diffusers {name}", partial(run, 8, reference), partial(run, generation.settings.steps, reference),
+                    partial(_summary, f"diffusers {name}", config, peer, counter, dense_flops, reference)))
+    return out, [{"row": name, "reason": reason} for name, reason in skipped.items()]
+
+
+def _summary(name: str, config, peer: Peer, counter: LinearFlops, dense_flops: dict, reference,
+             runs: list[tuple]) -> dict:
+    """A diffusers row from its timed runs; the dense row (summarized first) sets the FLOPs the
+    hooks' rows are a share of. The counter holds the last run's FLOPs (run_peer resets it)."""
+    seconds = statistics.median(r[0] for r in runs)
+    dense_flops.setdefault("flops", counter.flops)
+    image, decode_seconds = reference.decode(runs[-1][1])
+    share = counter.flops / dense_flops["flops"]
+    return {
+        "row": name, "kind": "diffusers", "hook": None if config is None else repr(config),
+        "seconds": seconds, "all_seconds": [r[0] for r in runs], "speedup": reference.seconds / seconds,
+        "theoretical": 1 / share, "evaluations": f"{peer.calls} calls, {share:.0%} FLOPs",
+        "model_calls": peer.calls, "linear_flop_share": share, "mask_seconds": 0.0,
+        **reference.memory([r[2] for r in runs]),
+        **reference.fidelity(runs[-1][1], image), "decode_seconds": decode_seconds,
+    }

@@ -116,3 +116,32 @@ def test_full_size_path_on_a_tiny_configuration():
         out = model(torch.randn(1, 4, 16, 16, dtype=torch.bfloat16), torch.tensor([0.5]),
                     torch.randn(1, 5, 32, dtype=torch.bfloat16), torch.ones(1, 5, dtype=torch.bool))
     assert out.shape == (1, 8, 16, 16) and torch.isfinite(out.float()).all()
+
+
+def test_rows_take_turns():
+    """Every row warmed up, then the timed runs round-robin, then the summaries in the rows'
+    order (the first row, our dense one, is the others' reference)."""
+    calls = []
+
+    def row(name):
+        return benchmark.TimedRow(name, lambda: calls.append(f"warm {name}"),
+                                  lambda: calls.append(f"run {name}") or (1.0,),
+                                  lambda runs: calls.append(f"summary {name} of {len(runs)}") or {"row": name})
+
+    results = benchmark.measure_interleaved([row("a"), row("b"), row("c")], repeats=2)
+    assert [r["row"] for r in results] == ["a", "b", "c"]
+    assert calls == ["warm a", "warm b", "warm c", "run a", "run b", "run c", "run a", "run b", "run c",
+                     "summary a of 2", "summary b of 2", "summary c of 2"]
+
+
+@pytest.mark.skipif(not hasattr(torch, "compile"), reason="this torch build has no torch.compile")
+def test_compiled_rows_give_the_eager_results(tmp_path):
+    """--compile: the compiled rows (inductor, on this CPU) land on the eager rows' latents and
+    evaluation counts."""
+    path = tmp_path / "table.json"
+    assert benchmark.main(["--model", "lumina-next", *TINY, "--compile", "--json", str(path)]) == 0
+    rows = {row["row"]: row for row in strict_json(path)["rows"]}
+    assert rows["dense (compiled)"]["latent_rel_l2"] < 1e-5
+    full, compiled = rows["AccelAes (full)"], rows["AccelAes (compiled)"]
+    assert compiled["evaluations"] == full["evaluations"]
+    assert abs(compiled["latent_rel_l2"] - full["latent_rel_l2"]) < 1e-5
