@@ -282,16 +282,25 @@ class TimedRow:
 def measure_interleaved(rows: list[TimedRow], repeats: int) -> list[dict]:
     """Every row warmed up, then timed `repeats` times round-robin (row 1, 2, 3, 1, 2, 3, ...): a
     machine whose speed drifts during the table (a shared CPU, a GPU's clocks) moves every row
-    alike instead of the rows measured last. Summaries are made in the rows' order, so the first
-    row (our dense one) is the reference of the others."""
+    alike instead of the rows measured last.
+
+    A summary reads the seconds and memory of every run, and the latents and state of the last:
+    an earlier run keeps only its seconds and memory, and each row is summarized right after its
+    last run, so no run's peak memory holds another run's latents or AccelAes caches. The first
+    row (our dense one) is summarized first: it is the others' reference."""
     for row in rows:
         row.warm_up()
-    runs: dict[str, list[tuple]] = {row.name: [] for row in rows}
-    for _ in range(repeats):
+    earlier: dict[str, list[tuple]] = {row.name: [] for row in rows}
+    results = []
+    for repeat in range(repeats):
         for row in rows:
-            runs[row.name].append(row.run())
-            print(f"  {row.name}: {runs[row.name][-1][0]:.2f} s", file=sys.stderr)
-    return [row.summarize(runs[row.name]) for row in rows]
+            run = row.run()
+            print(f"  {row.name}: {run[0]:.2f} s", file=sys.stderr)
+            if repeat < repeats - 1:
+                earlier[row.name].append((run[0], *[None] * (len(run) - 2), run[-1]))
+            else:
+                results.append(row.summarize(earlier[row.name] + [run]))
+    return results
 
 
 def our_rows(pipeline, rows: dict, settings, ratios: dict, reference: Reference, suffix: str = "") -> list[TimedRow]:

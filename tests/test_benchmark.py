@@ -119,19 +119,30 @@ def test_full_size_path_on_a_tiny_configuration():
 
 
 def test_rows_take_turns():
-    """Every row warmed up, then the timed runs round-robin, then the summaries in the rows'
-    order (the first row, our dense one, is the others' reference)."""
-    calls = []
+    """Every row warmed up, then the timed runs round-robin; each row summarized right after its
+    last run, in the rows' order (the first row, our dense one, is the others' reference), from
+    the seconds and memory of every run and the whole of the last."""
+    calls, summaries = [], {}
 
     def row(name):
-        return benchmark.TimedRow(name, lambda: calls.append(f"warm {name}"),
-                                  lambda: calls.append(f"run {name}") or (1.0,),
-                                  lambda runs: calls.append(f"summary {name} of {len(runs)}") or {"row": name})
+        runs = iter(range(1, 10))
 
-    results = benchmark.measure_interleaved([row("a"), row("b"), row("c")], repeats=2)
+        def run():
+            calls.append(f"run {name}")
+            n = next(runs)
+            return (float(n), f"latents {name}{n}", f"memory {name}{n}")
+
+        def summarize(done):
+            calls.append(f"summary {name}")
+            summaries[name] = done
+            return {"row": name}
+        return benchmark.TimedRow(name, lambda: calls.append(f"warm {name}"), run, summarize)
+
+    results = benchmark.measure_interleaved([row("a"), row("b"), row("c")], repeats=3)
     assert [r["row"] for r in results] == ["a", "b", "c"]
     assert calls == ["warm a", "warm b", "warm c", "run a", "run b", "run c", "run a", "run b", "run c",
-                     "summary a of 2", "summary b of 2", "summary c of 2"]
+                     "run a", "summary a", "run b", "summary b", "run c", "summary c"]
+    assert summaries["b"] == [(1.0, None, "memory b1"), (2.0, None, "memory b2"), (3.0, "latents b3", "memory b3")]
 
 
 @pytest.mark.skipif(not hasattr(torch, "compile"), reason="this torch build has no torch.compile")
