@@ -489,24 +489,28 @@ def run_batch(pipeline, prompts: list[str], config: AccelAesConfig | None, setti
 def throughput(pipeline, config: AccelAesConfig, settings, size: int, device: str, largest: int,
                repeats: int) -> list[dict]:
     """Images per second of sampling (text encoding and decoding apart, as in the main table),
-    dense and with AccelAes, at each batch size: the median of `repeats` timed runs after one
-    untimed run (the first, dropped); each sample of a batch has its own prompt and seed."""
-    rows = {"dense": None, "AccelAes": config}
-    results = []
+    dense and with AccelAes, at each batch size: the median of `repeats` timed runs after an
+    untimed one, the rows taking turns as in the main table (measure_interleaved); each sample
+    of a batch has its own prompt and seed."""
+    rows = []
     for batch in batch_sizes(largest):
         prompts = [BATCH_PROMPTS[i % len(BATCH_PROMPTS)] for i in range(batch)]
-        for name, row_config in rows.items():
-            runs = [run_batch(pipeline, prompts, row_config, settings, size, device) for _ in range(repeats + 1)][1:]
-            seconds = statistics.median(r[0] for r in runs)
-            results.append({"batch": batch, "row": name, "seconds": seconds, "images_per_second": batch / seconds,
-                            **peak_megabytes([r[1] for r in runs])})
-            print(f"  batch {batch}, {name}: {seconds:.2f} s", file=sys.stderr)
+        for name, row_config in {"dense": None, "AccelAes": config}.items():
+            run = partial(run_batch, pipeline, prompts, row_config, settings, size, device)
+            rows.append(TimedRow(f"batch {batch}, {name}", run, run, partial(throughput_summary, batch, name)))
+    results = measure_interleaved(rows, repeats)
     for result in results:
         same_row = [r for r in results if r["row"] == result["row"] and r["batch"] == 1][0]
         dense = [r for r in results if r["row"] == "dense" and r["batch"] == result["batch"]][0]
         result["over_batch_1"] = result["images_per_second"] / same_row["images_per_second"]
         result["over_dense"] = result["images_per_second"] / dense["images_per_second"]
     return results
+
+
+def throughput_summary(batch: int, name: str, runs: list[tuple]) -> dict:
+    seconds = statistics.median(r[0] for r in runs)
+    return {"batch": batch, "row": name, "seconds": seconds, "images_per_second": batch / seconds,
+            **peak_megabytes([r[1] for r in runs])}
 
 
 def print_throughput(results: list[dict]) -> None:

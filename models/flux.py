@@ -151,11 +151,8 @@ class ModulationOut(NamedTuple):
     scale: Tensor
     gate: Tensor
 
-    def modulate(self, x: Tensor) -> Tensor:
-        return (1 + self.scale) * x + self.shift
-
     def modulate_(self, x: Tensor) -> Tensor:
-        """`modulate` in place, for a temporary x (a norm's output): no copy of the tokens."""
+        """(1 + scale) * x + shift, in place: x is a temporary (a norm's output), so no copy of the tokens."""
         return modulate_(x, self.shift, self.scale)
 
 

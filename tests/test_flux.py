@@ -356,6 +356,6 @@ def test_probe_sees_image_queries_against_text_keys(models):
     first = model.double_blocks[0]
     tokens, step = _block_inputs(model, x)
     with torch.no_grad():
-        txt_h = first.txt_mod(step.vec)[0].modulate(first.txt_norm1(tokens[:, :TEXT]))
+        txt_h = first.txt_mod(step.vec)[0].modulate_(first.txt_norm1(tokens[:, :TEXT]))
         k, _ = first.txt_attn.keys_values(txt_h)
     assert rel_err(probe.calls[0][1], k) < TOL
