@@ -9,6 +9,7 @@ row's second, ...), so a machine whose speed drifts while the table is made move
     python benchmark.py --layers 4 --repeats 5 --ablations --json results.json
     python benchmark.py --peers              # + the same weights in diffusers: dense, and its cache hooks
     python benchmark.py --compile            # + the dense and AccelAes rows again under torch.compile
+    python benchmark.py --floor              # + our dense forward's matmuls and attention alone
     python benchmark.py --batch 4            # images per second at batch sizes 1, 2, 4, dense and AccelAes
     python benchmark.py --device cuda --layers full --size 1024 --dtype bf16    # the released depth, on a GPU
 
@@ -32,25 +33,24 @@ max_memory_allocated, on the CPU the process's resident anonymous memory, sample
 excess over the run's start, and PSNR of the decoded image and relative L2 of the final latent
 against our dense row.
 
---peers (diffusers installed, see benchmark_peers.py) adds the same weights run by diffusers'
+--peers (diffusers installed, see benchmarking/peers.py) adds the same weights run by diffusers'
 transformer classes through the same loop: dense, and each of diffusers' cache hooks that runs on
 the backbone, at its documented defaults; the ones that cannot run are named with the reason.
 With fewer layers than released, FirstBlockCache (which always computes its first block) saves
-less than at full depth. --json writes strict JSON (an infinite PSNR is null, with a note).
+less than at full depth. --floor adds the floor (benchmarking/floor.py): the matrix products and
+attention calls of our dense evaluation, replayed alone as many times as the dense row evaluates,
+the time that an implementation of these FLOPs with torch's kernels cannot go below. --json
+writes strict JSON (an infinite PSNR is null, with a note).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
-import gc
 import json
 import statistics
 import sys
-import threading
-import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -60,6 +60,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from accelaes import TOKEN_WEIGHTINGS, AccelAes, AccelAesConfig, SkipSparse, build_focus_mask
+from benchmarking import floor
+from benchmarking.measure import PeakMemory, TimedRow, clock, measure_interleaved, peak_megabytes
 from pipelines import REGISTRY
 
 PROMPT = "a highly detailed portrait of an old fisherman, dramatic lighting, cinematic"
@@ -101,82 +103,6 @@ def benchmark_rows(defaults: AccelAesConfig, ablations: bool) -> dict[str, Accel
         rows.update({f"{name}, attn-only sparse": replace(config, sparse_ffn=False)
                      for name, config in list(rows.items()) if config is not None and config.sparse})
     return rows
-
-
-class PeakMemory:
-    """The peak memory of a block of code, the weights and everything else in it included: on CUDA
-    the allocator's max_memory_allocated; on the CPU the process's resident anonymous memory
-    (RssAnon of /proc/self/status), sampled every few milliseconds by a thread. `bytes` is that
-    peak, `growth` its excess over the start (what the block itself held at most); both are None
-    where neither can be read (a CPU without /proc)."""
-
-    def __init__(self, device: str):
-        self.cuda = device.startswith("cuda")
-
-    @staticmethod
-    def rss_anon() -> int | None:
-        try:
-            with open("/proc/self/status") as status:
-                for line in status:
-                    if line.startswith("RssAnon:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        return None
-
-    def __enter__(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.start = torch.cuda.memory_allocated()
-        else:
-            release_free_memory()
-            self.peak = self.start = self.rss_anon()
-            self.running = self.peak is not None
-            self.thread = threading.Thread(target=self._watch, daemon=True)
-            self.thread.start()
-        return self
-
-    def _watch(self):
-        while self.running:
-            self.peak = max(self.peak, self.rss_anon())
-            time.sleep(0.005)
-
-    def __exit__(self, *exc):
-        if self.cuda:
-            torch.cuda.synchronize()
-            self.bytes = torch.cuda.max_memory_allocated()
-        else:
-            self.running = False
-            self.thread.join()
-            self.bytes = None if self.peak is None else max(self.peak, self.rss_anon())
-        self.growth = None if self.bytes is None else self.bytes - self.start
-
-
-def release_free_memory() -> None:
-    """Hand the C heap's free pages back to the system (glibc's malloc_trim), so that a row's peak
-    counts the memory it holds and not what an earlier row freed; a no-op without glibc."""
-    gc.collect()
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def clock(device: str) -> float:
-    """perf_counter once the device's queued work is done: CUDA runs asynchronously."""
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return time.perf_counter()
-
-
-def peak_megabytes(memories: list[PeakMemory]) -> dict:
-    """The largest of several runs' peaks and growths (PeakMemory), in MB (None where unknown)."""
-    def largest(values):
-        known = [value for value in values if value is not None]
-        return max(known) / 2 ** 20 if known else None
-    return {"peak_memory_mb": largest([m.bytes for m in memories]),
-            "peak_growth_mb": largest([m.growth for m in memories])}
 
 
 # ---- building the pipeline --------------------------------------------------------------------
@@ -269,40 +195,6 @@ class Reference:
                 "latent_rel_l2": ((latents.float() - reference).norm() / reference.norm()).item()}
 
 
-@dataclass
-class TimedRow:
-    """One row of the table before it is measured: an untimed warm-up (every code path once), a
-    timed run, and what the row reports given its timed runs."""
-    name: str
-    warm_up: Callable[[], object]
-    run: Callable[[], tuple]                 # -> (seconds, final latents, ..., its PeakMemory)
-    summarize: Callable[[list[tuple]], dict]
-
-
-def measure_interleaved(rows: list[TimedRow], repeats: int) -> list[dict]:
-    """Every row warmed up, then timed `repeats` times round-robin (row 1, 2, 3, 1, 2, 3, ...): a
-    machine whose speed drifts during the table (a shared CPU, a GPU's clocks) moves every row
-    alike instead of the rows measured last.
-
-    A summary reads the seconds and memory of every run, and the latents and state of the last:
-    an earlier run keeps only its seconds and memory, and each row is summarized right after its
-    last run, so no run's peak memory holds another run's latents or AccelAes caches. The first
-    row (our dense one) is summarized first: it is the others' reference."""
-    for row in rows:
-        row.warm_up()
-    earlier: dict[str, list[tuple]] = {row.name: [] for row in rows}
-    results = []
-    for repeat in range(repeats):
-        for row in rows:
-            run = row.run()
-            print(f"  {row.name}: {run[0]:.2f} s", file=sys.stderr)
-            if repeat < repeats - 1:
-                earlier[row.name].append((run[0], *[None] * (len(run) - 2), run[-1]))
-            else:
-                results.append(row.summarize(earlier[row.name] + [run]))
-    return results
-
-
 def our_rows(pipeline, rows: dict, settings, ratios: dict, reference: Reference, suffix: str = "") -> list[TimedRow]:
     """Our rows (name -> AccelAes config, None for dense) on `pipeline`; the warm-up is 8 steps
     with the mask and StepCache early enough to run every path."""
@@ -360,6 +252,9 @@ def parse_args(argv):
                              "change the mask, not the speed; default: %(default)s)")
     parser.add_argument("--peers", action="store_true",
                         help="add the same weights run by diffusers: dense and with its cache hooks (needs diffusers)")
+    parser.add_argument("--floor", action="store_true",
+                        help="add the floor: our dense evaluation's matmuls and attention calls replayed alone, the "
+                             "time no implementation of these FLOPs goes below with torch's kernels")
     parser.add_argument("--compile", action="store_true",
                         help="add the dense and AccelAes rows again with the transformer under torch.compile")
     parser.add_argument("--json", type=Path, default=None, help="also write the table to this JSON file")
@@ -373,8 +268,8 @@ def parse_args(argv):
         parser.error(f"--batch {args.batch}: give at least 1")
     if args.tiny and args.layers == "full":
         parser.error("--tiny and --layers full contradict each other: choose one")
-    if args.batch is not None and (args.peers or args.compile):
-        parser.error("--batch measures throughput alone: drop --peers and --compile")
+    if args.batch is not None and (args.peers or args.compile or args.floor):
+        parser.error("--batch measures throughput alone: drop --peers, --compile and --floor")
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
     return args
 
@@ -392,8 +287,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.peers:
         try:
-            import benchmark_peers  # diffusers is imported there, and only there
-            benchmark_peers.import_diffusers()
+            from benchmarking import peers  # diffusers is imported there, and only there
+            peers.import_diffusers()
         except ImportError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
@@ -427,9 +322,10 @@ def main(argv=None) -> int:
 
 
 def run_table(args, pipeline, settings, config: AccelAesConfig) -> dict:
-    """Every row of the table, and what they share: our rows, then the compiled ones, then diffusers'."""
+    """Every row of the table, and what they share: our rows, then the compiled ones, diffusers',
+    and the floor."""
     started = clock(args.device)
-    pipeline.prepare([PROMPT], seed=0, height=args.size, width=args.size, settings=settings)
+    generation = pipeline.prepare([PROMPT], seed=0, height=args.size, width=args.size, settings=settings)
     text_seconds = clock(args.device) - started
     ratios = {sparse_ffn: flop_ratio(pipeline, settings, args.size, sparse_ffn) for sparse_ffn in (True, False)}
     print(f"a sparse evaluation does {ratios[True]:.1%} of a dense one's matmul FLOPs "
@@ -445,10 +341,11 @@ def run_table(args, pipeline, settings, config: AccelAesConfig) -> dict:
                          suffix=" (compiled)")
     skipped = []
     if args.peers:
-        import benchmark_peers
-        generation = pipeline.prepare([PROMPT], seed=0, height=args.size, width=args.size, settings=settings)
-        peer_rows, skipped = benchmark_peers.rows(pipeline, args.model, generation, reference)
-        rows += [TimedRow(*row) for row in peer_rows]
+        from benchmarking import peers
+        peer_rows, skipped = peers.rows(pipeline, args.model, generation, reference)
+        rows += peer_rows
+    if args.floor:
+        rows.append(floor.row(pipeline, generation, reference))
     rows = measure_interleaved(rows, args.repeats)
     return {"text_seconds": text_seconds, "sparse_flop_ratio": ratios[True], "attention_only_flop_ratio": ratios[False],
             "rows": rows, "peers_not_run": skipped}
@@ -527,13 +424,12 @@ def _cell(value, form: str, width: int) -> str:
 def print_table(results: list[dict]) -> None:
     print(f"{'row':<38}{'seconds':>9}{'speedup':>9}{'theory':>8}  {'evaluations':<22}{'mask s':>8}"
           f"{'peak MB':>9}{'+MB':>7}{'PSNR dB':>9}{'latent L2':>11}")
-    for r in results:
-        psnr = "inf" if r["psnr_db"] is None else f"{r['psnr_db']:.2f}"
+    for r in results:        # the floor row has no image: "-" in its fidelity columns
+        psnr = "-" if "psnr_db" not in r else "inf" if r["psnr_db"] is None else f"{r['psnr_db']:.2f}"
         theory = "-" if r["theoretical"] is None else f"{r['theoretical']:.2f}x"
         print(f"{r['row']:<38}{r['seconds']:>9.2f}{r['speedup']:>8.2f}x{theory:>8}  "
               f"{r['evaluations']:<22}{r['mask_seconds']:>8.3f}{_cell(r['peak_memory_mb'], '.0f', 9)}"
-              f"{_cell(r['peak_growth_mb'], '.0f', 7)}{psnr:>9}"
-              f"{r['latent_rel_l2']:>11.4f}")
+              f"{_cell(r['peak_growth_mb'], '.0f', 7)}{psnr:>9}{_cell(r.get('latent_rel_l2'), '.4f', 11)}")
 
 
 if __name__ == "__main__":

@@ -16,9 +16,13 @@ import time
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import benchmark
+from benchmarking import floor
+from benchmarking.measure import PeakMemory, TimedRow, measure_interleaved
 from models.lumina_next import NextDiT, NextDiTParams
+from pipelines import REGISTRY
 
 HAS_DIFFUSERS = importlib.util.find_spec("diffusers") is not None
 TINY = ["--tiny", "--size", "64", "--steps", "8", "--repeats", "1"]
@@ -83,11 +87,11 @@ def test_json_is_strict_and_psnr_of_identical_images_is_null(tmp_path):
 
 
 def test_peak_memory_is_the_peak_of_the_run_not_its_growth():
-    with benchmark.PeakMemory("cpu") as memory:
+    with PeakMemory("cpu") as memory:
         block = torch.ones(64 * 2 ** 20 // 4)          # 64 MB, touched
         time.sleep(0.05)                               # held long enough for the sampler to see it
         del block
-    after = benchmark.PeakMemory.rss_anon()
+    after = PeakMemory.rss_anon()
     assert memory.growth >= 60 * 2 ** 20                # the 64 MB the block held, freed since
     assert memory.start > 50 * 2 ** 20                  # the peak counts what the process held before,
     assert memory.bytes == memory.start + memory.growth > after + 50 * 2 ** 20   # torch's libraries at least
@@ -136,9 +140,9 @@ def test_rows_take_turns():
             calls.append(f"summary {name}")
             summaries[name] = done
             return {"row": name}
-        return benchmark.TimedRow(name, lambda: calls.append(f"warm {name}"), run, summarize)
+        return TimedRow(name, lambda: calls.append(f"warm {name}"), run, summarize)
 
-    results = benchmark.measure_interleaved([row("a"), row("b"), row("c")], repeats=3)
+    results = measure_interleaved([row("a"), row("b"), row("c")], repeats=3)
     assert [r["row"] for r in results] == ["a", "b", "c"]
     assert calls == ["warm a", "warm b", "warm c", "run a", "run b", "run c", "run a", "run b", "run c",
                      "run a", "summary a", "run b", "summary b", "run c", "summary c"]
@@ -156,3 +160,42 @@ def test_compiled_rows_give_the_eager_results(tmp_path):
     full, compiled = rows["AccelAes (full)"], rows["AccelAes (compiled)"]
     assert compiled["evaluations"] == full["evaluations"]
     assert abs(compiled["latent_rel_l2"] - full["latent_rel_l2"]) < 1e-5
+
+
+KERNEL_EVENTS = {"aten::addmm", "aten::addmm_", "aten::mm", "aten::bmm", "aten::baddbmm", "aten::baddbmm_",
+                 "aten::convolution"}
+
+
+@pytest.mark.parametrize("model", sorted(HOOKS_RUN))
+def test_floor_replays_every_matmul_and_attention_of_a_dense_forward(model):
+    """--floor's recording holds every matrix product and attention kernel of our dense forward,
+    as torch's profiler lists them, and its replay does exactly the forward's matmul FLOPs."""
+    pipeline = REGISTRY[model].pipeline.random(seed=0)
+    settings = pipeline.resolve(REGISTRY[model].pipeline.Settings())
+    generation = pipeline.prepare(["a red fox"], seed=0, height=64, width=64, settings=settings)
+
+    def forward():
+        with torch.no_grad():
+            pipeline.predict(generation.noise, torch.tensor(500.0), generation.text, settings, generation.size)
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiled:
+        forward()
+    names = [event.name for event in profiled.events()]
+    kernels = [name for name in names if name in KERNEL_EVENTS or name.startswith("aten::_scaled_dot_product")]
+    calls = floor.record(forward)
+    assert [str(op.overloadpacket).replace(".", "::", 1) for op, _, _ in calls.calls] == kernels
+    assert any(name.startswith("aten::_scaled_dot_product") for name in kernels)
+    with FlopCounterMode(display=False) as forward_flops:
+        forward()
+    with FlopCounterMode(display=False) as replay_flops:
+        calls.replay()
+    assert replay_flops.get_total_flops() == forward_flops.get_total_flops() > 0
+
+
+def test_floor_row(tmp_path):
+    path = tmp_path / "table.json"
+    assert benchmark.main(["--model", "sd3", *TINY, "--floor", "--json", str(path)]) == 0
+    report = strict_json(path)
+    row = report["rows"][-1]
+    assert row["kind"] == "floor" and row["seconds"] > 0 and row["kernel_calls"] > 0
+    assert row["evaluations"] == f"{report['steps']} x {row['kernel_calls']} calls"

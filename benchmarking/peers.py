@@ -32,6 +32,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from benchmarking.measure import TimedRow
 from models.flux import image_ids
 from models.flux_params import flux_layout
 from models.keys import Concat, Key, SwappedHalves
@@ -306,11 +307,10 @@ def run_peer(pipeline, generation, peer: Peer, counter: LinearFlops, steps: int,
         num_train_timesteps=pipeline.schedule.num_train_timesteps))
 
 
-def rows(pipeline, model_name: str, generation, reference) -> tuple[list[tuple], list[dict]]:
+def rows(pipeline, model_name: str, generation, reference) -> tuple[list[TimedRow], list[dict]]:
     """diffusers' rows (dense, then each hook that runs here) for `generation` (the prompt, seed
-    and settings of our rows), each on a fresh twin of our model, as benchmark.py's TimedRow
-    fields: (name, warm-up, timed run, summary of the timed runs), measured by its `reference`;
-    and the hooks not run, with the reason."""
+    and settings of our rows), each on a fresh twin of our model, measured by benchmark.py's
+    `reference`; and the hooks not run, with the reason."""
     build = PEERS[model_name]
     skipped = not_run(model_name, build(pipeline, generation))
     out, dense_flops = [], {}
@@ -323,8 +323,9 @@ def rows(pipeline, model_name: str, generation, reference) -> tuple[list[tuple],
             _enable(peer, config)
         counter = LinearFlops(peer.model)
         run = partial(run_peer, pipeline, generation, peer, counter)
-        out.append((f"diffusers {name}", partial(run, 8, reference), partial(run, generation.settings.steps, reference),
-                    partial(_summary, f"diffusers {name}", config, peer, counter, dense_flops, reference)))
+        out.append(TimedRow(f"diffusers {name}", partial(run, 8, reference),
+                            partial(run, generation.settings.steps, reference),
+                            partial(_summary, f"diffusers {name}", config, peer, counter, dense_flops, reference)))
     return out, [{"row": name, "reason": reason} for name, reason in skipped.items()]
 
 
