@@ -57,11 +57,10 @@ from typing import Callable
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from accelaes import TOKEN_WEIGHTINGS, AccelAes, AccelAesConfig, SkipSparse, build_focus_mask
 from benchmarking import floor
-from benchmarking.measure import PeakMemory, TimedRow, clock, measure_interleaved, peak_megabytes
+from benchmarking.measure import PeakMemory, TimedRow, clock, flop_counter, measure_interleaved, peak_megabytes
 from pipelines import REGISTRY
 
 PROMPT = "a highly detailed portrait of an old fisherman, dramatic lighting, cinematic"
@@ -70,20 +69,21 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def sparse_flop_ratio(forward: Callable[[SkipSparse], object], grid: tuple[int, int], skip_ratio: float,
                       text_tokens: int = 0, batch: int = 2, sparse_ffn: bool = True) -> float:
-    """Matmul FLOPs of a sparse evaluation over a dense one, as torch's FlopCounterMode counts them.
+    """Matmul FLOPs (attention's included) of a sparse evaluation over a dense one, counted by
+    torch's FlopCounterMode (benchmarking.measure.flop_counter).
 
     forward(block_runner) runs one evaluation of the model (on the meta device it costs nothing:
     only shapes are computed). The focus set is an arbitrary one of the budget's size, with the
     first `text_tokens` of the blocks' sequence in it, as AccelAes builds it.
     """
     runner = SkipSparse(text_tokens, grid[0] * grid[1], sparse_ffn)
-    with FlopCounterMode(display=False) as dense:
+    with flop_counter() as dense:
         forward(runner)
     mask = build_focus_mask(torch.arange(grid[0] * grid[1], dtype=torch.float32)[None], grid, skip_ratio)
     device = next(iter(runner.increments.values())).device
     runner.set_focus(mask.focus.expand(batch, -1).to(device), mask.background.expand(batch, -1).to(device))
     runner.dense = False
-    with FlopCounterMode(display=False) as sparse:
+    with flop_counter() as sparse:
         forward(runner)
     return sparse.get_total_flops() / dense.get_total_flops()
 

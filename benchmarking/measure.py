@@ -1,6 +1,6 @@
 """How benchmark.py measures a run: its seconds (the clock read once the device is done), its peak
-memory, and the rows of a table timed in turns, so that a machine whose speed drifts moves them
-alike."""
+memory, the rows of a table timed in turns, so that a machine whose speed drifts moves them
+alike, and the matmul FLOPs of an evaluation."""
 
 from __future__ import annotations
 
@@ -13,6 +13,31 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+aten = torch.ops.aten
+
+
+def _addmm_flops(self_shape, mat1_shape, mat2_shape, *args, out_shape=None, **kwargs) -> int:
+    """self + mat1 @ mat2: a multiply and an add for each of m x k x n."""
+    return 2 * mat1_shape[0] * mat1_shape[1] * mat2_shape[1]
+
+
+def _attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """softmax(q k^T) v, q [B, Hq, Nq, D]: both products for every query head, the key and value
+    heads shared among them under grouped-query attention (which torch's own formula refuses)."""
+    batch, heads, queries, dim = query_shape
+    return 2 * batch * heads * queries * key_shape[-2] * (dim + value_shape[-1])
+
+
+def flop_counter() -> FlopCounterMode:
+    """torch's FlopCounterMode, counting what it leaves out by default: the in-place addmm_ (FLUX's
+    single blocks accumulate linear2's attention columns with it) and the CPU's fused attention
+    kernel (on meta tensors attention decomposes into two bmm, which torch counts already)."""
+    attention_kernels = [aten._scaled_dot_product_flash_attention_for_cpu, aten._scaled_dot_product_flash_attention,
+                         aten._scaled_dot_product_efficient_attention, aten._scaled_dot_product_cudnn_attention]
+    return FlopCounterMode(display=False, custom_mapping={aten.addmm_: _addmm_flops,
+                                                          **{op: _attention_flops for op in attention_kernels}})
 
 
 class PeakMemory:

@@ -16,11 +16,10 @@ import time
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 import benchmark
 from benchmarking import floor
-from benchmarking.measure import PeakMemory, TimedRow, measure_interleaved
+from benchmarking.measure import PeakMemory, TimedRow, flop_counter, measure_interleaved
 from models.lumina_next import NextDiT, NextDiTParams
 from pipelines import REGISTRY
 
@@ -185,9 +184,9 @@ def test_floor_replays_every_matmul_and_attention_of_a_dense_forward(model):
     calls = floor.record(forward)
     assert [str(op.overloadpacket).replace(".", "::", 1) for op, _, _ in calls.calls] == kernels
     assert any(name.startswith("aten::_scaled_dot_product") for name in kernels)
-    with FlopCounterMode(display=False) as forward_flops:
+    with flop_counter() as forward_flops:
         forward()
-    with FlopCounterMode(display=False) as replay_flops:
+    with flop_counter() as replay_flops:
         calls.replay()
     assert replay_flops.get_total_flops() == forward_flops.get_total_flops() > 0
 
@@ -199,3 +198,20 @@ def test_floor_row(tmp_path):
     row = report["rows"][-1]
     assert row["kind"] == "floor" and row["seconds"] > 0 and row["kernel_calls"] > 0
     assert row["evaluations"] == f"{report['steps']} x {row['kernel_calls']} calls"
+
+
+def test_flop_counter_counts_in_place_products_and_the_cpu_attention_kernel():
+    """What torch's FlopCounterMode leaves out by default, counted as a hand computation says, and
+    as torch itself counts the same attention on meta tensors (where it runs as two bmm)."""
+    out, a, b = torch.zeros(6, 5), torch.randn(6, 4), torch.randn(4, 5)
+    with flop_counter() as counted:
+        out.addmm_(a, b)
+    assert counted.get_total_flops() == 2 * 6 * 4 * 5
+    flops = {}
+    for device in ("cpu", "meta"):
+        q, kv = torch.randn(2, 8, 64, 32, device=device), torch.randn(2, 2, 80, 32, device=device)
+        with flop_counter() as counted:
+            torch.nn.functional.scaled_dot_product_attention(q, kv, kv, enable_gqa=True)
+        flops[device] = counted.get_total_flops()
+    multiply_adds = 2 * 8 * 64 * 80 * 32           # of q k^T, and as many of the weights times v
+    assert flops["cpu"] == flops["meta"] == 2 * 2 * multiply_adds

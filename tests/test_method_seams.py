@@ -10,11 +10,11 @@ from functools import partial
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from accelaes import (ANCHORS, TOKEN_WEIGHTINGS, AccelAes, AccelAesConfig, AestheticScorer, CrossAttentionRecorder,
                       SkipSparse)
 from benchmark import sparse_flop_ratio
+from benchmarking.measure import flop_counter
 from models.clip import CLIPTokenizer
 from models.lumina_next import NextDiT, NextDiTParams
 from pipelines.aesmask_inputs import key_words
@@ -166,7 +166,7 @@ def test_attention_only_sparse_adds_exactly_the_background_ffn_flops():
         forward = lambda runner: dit(x, t, feats, mask, block_runner=runner)
         full = sparse_flop_ratio(forward, grid, 0.5)
         attention_only = sparse_flop_ratio(forward, grid, 0.5, sparse_ffn=False)
-        with FlopCounterMode(display=False) as dense:
+        with flop_counter() as dense:
             forward(None)
     p = dit.params
     background = grid[0] * grid[1] // 2
