@@ -148,15 +148,19 @@ def run_row(pipeline, config, settings, reference: "Reference"):
     return seconds, latents, accel, memory
 
 
-def flop_ratio(pipeline, settings, size, sparse_ffn: bool) -> float:
+def one_evaluation(pipeline, generation, block_runner=None) -> torch.Tensor:
+    """One dense model evaluation of `generation` at a mid-schedule timestep: every step of a
+    dense run has these shapes (what the FLOP ratio and the floor need)."""
+    return pipeline.predict(generation.noise, torch.tensor(500.0), generation.text, generation.settings,
+                            generation.size, block_runner=block_runner)
+
+
+def flop_ratio(pipeline, generation, sparse_ffn: bool) -> float:
     """Matmul FLOPs of a sparse evaluation over a dense one, counted on one real evaluation each."""
-    generation = pipeline.prepare([PROMPT], seed=0, height=size, width=size, settings=settings)
-    batch = 2 if pipeline.guided(settings) else 1
-    timestep = torch.tensor(500.0)
-    forward = lambda runner: pipeline.predict(generation.noise, timestep, generation.text, settings,  # noqa: E731
-                                              generation.size, block_runner=runner)
-    return sparse_flop_ratio(forward, pipeline.token_grid(size, size), 0.5,
-                             text_tokens=pipeline.text_tokens(generation.text), batch=batch, sparse_ffn=sparse_ffn)
+    height, width = generation.size
+    return sparse_flop_ratio(partial(one_evaluation, pipeline, generation), pipeline.token_grid(height, width), 0.5,
+                             text_tokens=pipeline.text_tokens(generation.text),
+                             batch=2 if pipeline.guided(generation.settings) else 1, sparse_ffn=sparse_ffn)
 
 
 class Reference:
@@ -327,7 +331,7 @@ def run_table(args, pipeline, settings, config: AccelAesConfig) -> dict:
     started = clock(args.device)
     generation = pipeline.prepare([PROMPT], seed=0, height=args.size, width=args.size, settings=settings)
     text_seconds = clock(args.device) - started
-    ratios = {sparse_ffn: flop_ratio(pipeline, settings, args.size, sparse_ffn) for sparse_ffn in (True, False)}
+    ratios = {sparse_ffn: flop_ratio(pipeline, generation, sparse_ffn) for sparse_ffn in (True, False)}
     print(f"a sparse evaluation does {ratios[True]:.1%} of a dense one's matmul FLOPs "
           f"({ratios[False]:.1%} with attention-only SkipSparse)", file=sys.stderr)
     reference = Reference(pipeline, args.size, args.device)
@@ -345,7 +349,7 @@ def run_table(args, pipeline, settings, config: AccelAesConfig) -> dict:
         peer_rows, skipped = peers.rows(pipeline, args.model, generation, reference)
         rows += peer_rows
     if args.floor:
-        rows.append(floor.row(pipeline, generation, reference))
+        rows.append(floor.row(partial(one_evaluation, pipeline, generation), settings.steps, reference))
     rows = measure_interleaved(rows, args.repeats)
     return {"text_seconds": text_seconds, "sparse_flop_ratio": ratios[True], "attention_only_flop_ratio": ratios[False],
             "rows": rows, "peers_not_run": skipped}

@@ -64,19 +64,16 @@ def record(forward: Callable[[], object]) -> KernelCalls:
     return calls
 
 
-def row(pipeline, generation, reference) -> TimedRow:
-    """The floor as a row of benchmark.py's table: the kernel calls of one dense evaluation of
-    `generation`, replayed as many times as the dense row evaluates the model (every dense
-    evaluation has the same shapes), timed by benchmark.py's `reference`. Each run records its
-    calls afresh, untimed, and lets them go at its end, so that between runs the floor holds no
-    activations in the other rows' memory."""
-    steps = generation.settings.steps
-    timestep = torch.tensor(500.0)
+def row(evaluation: Callable[[], object], steps: int, reference) -> TimedRow:
+    """The floor as a row of benchmark.py's table: the kernel calls of one dense `evaluation`,
+    replayed `steps` times, as many as the dense row evaluates the model (every dense evaluation
+    has the same shapes), timed by benchmark.py's `reference`. Each run records its calls afresh,
+    untimed, and lets them go at its end, so that between runs the floor holds no activations in
+    the other rows' memory."""
     counts = []
 
     def run():
-        calls = record(lambda: pipeline.predict(generation.noise, timestep, generation.text, generation.settings,
-                                                generation.size))
+        calls = record(evaluation)
         counts.append(len(calls.calls))
         seconds, _, memory = reference.timed(lambda: [calls.replay() for _ in range(steps)])
         return seconds, memory
